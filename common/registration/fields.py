@@ -35,7 +35,8 @@ def _spatial_dims(field: torch.Tensor) -> int:
     dims = field.ndim - 2
     if dims not in (2, 3) or field.shape[1] != dims:
         raise ValueError(
-            f"expected a displacement field [B, D, *spatial] with D = 2 or 3 spatial channels, got shape {tuple(field.shape)}"
+            "expected a displacement field [B, D, *spatial] with D = 2 or 3 spatial channels, "
+            f"got shape {tuple(field.shape)}"
         )
     return dims
 
@@ -54,9 +55,7 @@ def identity_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
-def warp(
-    image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
-) -> torch.Tensor:
+def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
     """Warp ``image`` ``[B, C, *spatial]`` with the voxel displacement ``ddf``: ``out(p) = image(p + ddf(p))``."""
     _spatial_dims(ddf)
     if image.shape[0] != ddf.shape[0] and image.shape[0] == 1:
@@ -94,7 +93,10 @@ def to_sampling_grid(ddf: torch.Tensor) -> torch.Tensor:
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Field ``c`` with ``warp(warp(m, first), second) == warp(m, c)``, i.e. ``c(p) = second(p) + first(p + second(p))``."""
+    """Field ``c`` with ``warp(warp(m, first), second) == warp(m, c)``.
+
+    Sequential warping samples ``first`` where ``second`` points: ``c(p) = second(p) + first(p + second(p))``.
+    """
     return second + warp(first, second, mode="bilinear", padding_mode="border")
 
 
