@@ -13,23 +13,22 @@ so the same seed gives the same bytes on any machine and thread count.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from common.io import atomic_json_dump, save_nifti
 
 __all__ = [
     "PRESETS",
     "Preset",
     "generate_dataset",
     "generate_subject",
+    "jacobian_determinant",
     "random_diffeomorphic_ddf",
     "site_intensity_table",
     "split_counts",
@@ -50,6 +49,8 @@ class Preset:
     nested: dict[int, int] = field(default_factory=dict)
     # maximal displacement of the random diffeomorphism as a fraction of each axis length.
     max_displacement_fraction: tuple[float, float, float] = (0.05, 0.05, 0.05)
+    # label -> label of the same tissue (left/right pairs): sites restyle them identically.
+    same_tissue: dict[int, int] = field(default_factory=dict)
     value_range: tuple[float, float] = (0.0, 1.0)
 
 
@@ -70,6 +71,7 @@ BRAIN = Preset(
     # T1-like: white matter > deep grey > cortex > CSF; skull/scalp bright-ish, extra-cerebral CSF dark.
     intensities={0: 0.0, 1: 0.5, 2: 0.82, 3: 0.12, 4: 0.12, 5: 0.68, 6: 0.68, 7: 0.74, 8: 0.6, 100: 0.38, 101: 0.1},
     nested={2: 1, 3: 2, 4: 2, 5: 2, 6: 2},
+    same_tissue={4: 3, 6: 5},
 )
 
 ABDOMEN = Preset(
@@ -113,6 +115,7 @@ ABDOMEN = Preset(
         103: 450.0,
     },
     value_range=(-1024.0, 3071.0),
+    same_tissue={3: 2, 13: 12},
 )
 
 CARDIAC = Preset(
@@ -139,9 +142,7 @@ def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def _smooth_field(
-    shape: Sequence[int], channels: int, rng: np.random.Generator, control_points: int = 5
-) -> np.ndarray:
+def _smooth_field(shape: Sequence[int], channels: int, rng: np.random.Generator, control_points: int = 5) -> np.ndarray:
     """Random smooth field [channels, *shape]: Gaussian-RBF interpolation of a coarse normal grid (separable)."""
     out = rng.standard_normal((channels, *[min(control_points, max(int(n), 2)) for n in shape]))
     for axis, n in enumerate(shape):
@@ -246,9 +247,9 @@ def _brain_tissues(x, y, z, rng: np.random.Generator) -> np.ndarray:
     t[_ellipsoid(x, y, z, j.c((0.0, -0.12, -0.38)), j.r((0.12, 0.14, 0.3))) < 1] = 7
     # deep structures are clipped to a shrunken white matter so they stay enclosed by it.
     deep_parent = (wm < 0.75) & (brain < 0.6)
-    for label, cx in ((5, -0.13), (6, 0.13)):
+    for label, cx in ((5, 0.13), (6, -0.13)):  # left = larger axis-0 index (RAS)
         t[(_ellipsoid(x, y, z, j.c((cx, -0.08, 0.02)), j.r((0.11, 0.15, 0.11))) < 1) & deep_parent] = label
-    for label, cx in ((3, -0.12), (4, 0.12)):
+    for label, cx in ((3, 0.12), (4, -0.12)):
         t[(_ellipsoid(x, y, z, j.c((cx, 0.04, 0.22)), j.r((0.08, 0.3, 0.1))) < 1) & deep_parent] = label
     return t
 
@@ -327,11 +328,15 @@ def site_intensity_table(preset: str, site: int) -> dict[int, float]:
     rng = np.random.default_rng([sorted(PRESETS).index(preset), int(site), 7919])
     lo, hi = p.value_range
     if p.modality == "CT":  # contrast timing / calibration: per-tissue HU offsets, air stays air.
-        return {k: v if k == 0 else v + rng.uniform(-60.0, 60.0) for k, v in p.intensities.items()}
-    gamma = rng.uniform(0.6, 1.6)  # scanner-wide contrast change plus per-tissue shifts.
-    table = {}
-    for k, v in p.intensities.items():
-        table[k] = 0.0 if k == 0 else float(np.clip(v**gamma + rng.normal(0.0, 0.08), 0.03, 0.95) * (hi - lo) + lo)
+        table = {k: v if k == 0 else v + rng.uniform(-60.0, 60.0) for k, v in p.intensities.items()}
+    else:  # scanner-wide contrast change (gamma) plus per-tissue shifts.
+        gamma = rng.uniform(0.5, 2.0)
+        table = {
+            k: 0.0 if k == 0 else float(np.clip(v**gamma + rng.normal(0.0, 0.1), 0.03, 0.95) * (hi - lo) + lo)
+            for k, v in p.intensities.items()
+        }
+    for label, twin in p.same_tissue.items():
+        table[label] = table[twin]
     return table
 
 
@@ -393,27 +398,6 @@ def split_counts(num_subjects: int, num_validation: int | None = None, num_test:
     return n - n_val - n_test, n_val, n_test
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """Gzipped NIfTI bytes with a fixed gzip header (mtime 0, no name): same array -> same bytes."""
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate_dataset(
     out_dir: str | os.PathLike,
     preset: str = "brain",
@@ -446,9 +430,11 @@ def generate_dataset(
         site = i % num_sites
         image, label = generate_subject(preset, shape, np.random.default_rng([int(seed), i]), site=site)
         name = f"sub{i:03d}.nii.gz"
-        _atomic_write(out / "imagesTr" / name, _nifti_bytes(image, affine))
-        _atomic_write(out / "labelsTr" / name, _nifti_bytes(label, affine))
-        entries.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}", "subject": f"sub{i:03d}", "site": site})
+        save_nifti(image, affine, out / "imagesTr" / name)
+        save_nifti(label, affine, out / "labelsTr" / name)
+        entries.append(
+            {"image": f"imagesTr/{name}", "label": f"labelsTr/{name}", "subject": f"sub{i:03d}", "site": site}
+        )
     datalist = {
         "name": f"synthetic_{preset}",
         "description": f"Synthetic {preset} phantoms (common.data.synthetic, seed {seed}, {num_sites} site(s))",
@@ -468,5 +454,5 @@ def generate_dataset(
         "test": entries[n_train + n_val :],
     }
     path = out / datalist_name
-    _atomic_write(path, (json.dumps(datalist, indent=2) + "\n").encode())
+    atomic_json_dump(datalist, path)
     return path
