@@ -17,14 +17,20 @@ Typical use in a multi-GPU override file::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
     "RANK0_ONLY_HANDLERS",
+    "DistributedNetwork",
+    "DistributedSubsetSampler",
     "default_backend",
     "destroy_process_group",
     "device_ids",
@@ -112,14 +118,90 @@ def _is_rank0_only(handler: object, names: Iterable[str]) -> bool:
     return any(cls.__name__ in names for cls in type(handler).__mro__)
 
 
-def rank0_handlers(handlers: Sequence[object] | None, rank0_only: Iterable[str] = RANK0_ONLY_HANDLERS) -> list | None:
-    """All ``handlers`` on rank 0; on other ranks, those whose class (or a base) is not in ``rank0_only``.
+def rank0_handlers(handlers: Sequence[object] | None, extra: Iterable[str] = ()) -> list | None:
+    """All ``handlers`` on rank 0; on other ranks, those whose class (or a base) is neither in RANK0_ONLY_HANDLERS
+    nor named in ``extra`` (a bundle's own writer handlers, e.g. ``["ModelWeightsSaver"]``).
 
     Handlers that change the training itself (LR schedule, validation, checkpoint loading, early stopping, NaN guard)
-    stay on every rank, so all ranks keep stepping the same schedule and loading the same weights.
+    or that hold collectives (MetricsSaver, report handlers that gather rows) stay on every rank.
     """
     if handlers is None:
         return None
     if is_rank0():
         return list(handlers)
-    return [h for h in handlers if not _is_rank0_only(h, rank0_only)]
+    names = RANK0_ONLY_HANDLERS | set(extra)
+    return [h for h in handlers if not _is_rank0_only(h, names)]
+
+
+class DistributedNetwork(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that also synchronises gradients for a network's extra entry points.
+
+    Why: custom trainers call e.g. ``network.forward_train(moving, fixed)``; on a plain DDP wrapper that attribute does
+    not exist, and calling the inner module's method directly would skip DDP's forward, so gradients would not be
+    all-reduced. Names in ``methods`` are run through DDP's forward (the inner module's ``forward`` is pointed at the
+    method for that call); any other attribute (``update_target``, ``inverse_ddf``, sub-networks) comes from the
+    wrapped module. The state_dict keeps DDP's ``module.`` prefix; checkpoint savers unwrap it (ignite's Checkpoint,
+    ``common.engines.checkpoint.unwrap_module``), so saved files have the plain single-process keys.
+    """
+
+    def __init__(self, module: torch.nn.Module, *args: Any, methods: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(module, *args, **kwargs)
+        self.routed_methods = tuple(methods)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.__dict__.get("routed_methods", ()):
+                return lambda *args, **kwargs: self._routed_call(name, *args, **kwargs)
+            return getattr(self.module, name)
+
+    def _routed_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        inner = self.module
+        inner.forward = getattr(type(inner), name).__get__(inner)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            del inner.forward
+
+
+class DistributedSubsetSampler(DistributedSampler):
+    """Per epoch, ``num_samples`` indices in an order shared by all ranks, split across ranks (every rank gets the same
+    count, so DDP steps stay in lockstep).
+
+    The distributed counterpart of ``RandomSampler(dataset, num_samples=n)`` (an epoch of ``n`` random items from a
+    large pool such as all ordered image pairs): the order is a permutation seeded with ``seed + epoch`` (repeated
+    permutations when ``num_samples`` exceeds the dataset), the first ``num_samples`` are padded by wrapping to a
+    multiple of the world size, and rank ``r`` takes items ``r, r + W, ...``. ``num_samples=None`` uses the dataset.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_samples: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.epoch_items = len(dataset) if num_samples is None else int(num_samples)  # type: ignore[arg-type]
+        if self.epoch_items < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples = math.ceil(self.epoch_items / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        size = len(self.dataset)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        rounds = math.ceil(self.epoch_items / size)
+        if self.shuffle:
+            order = torch.cat([torch.randperm(size, generator=generator) for _ in range(rounds)])
+        else:
+            order = torch.arange(size).repeat(rounds)
+        order = order[: self.epoch_items]
+        order = torch.cat([order, order.repeat(math.ceil(self.total_size / len(order)))])[: self.total_size]
+        return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

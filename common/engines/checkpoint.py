@@ -7,14 +7,16 @@ keys carry no ``module.`` prefix; optimizers; LR schedulers; GradScalers ...), t
 random states (python, numpy, torch CPU and CUDA) and the random states of MONAI random transforms reachable from
 DataLoader/Dataset/Compose entries of ``save_dict``.
 
-Resume is iteration-exact. At STARTED the handler loads the file, sets ``engine.state.iteration``/``epoch`` (ignite then
-finishes the interrupted epoch with the remaining ``epoch_length - k`` iterations) and wraps the engine's data so that the
-interrupted epoch replays the same batch order: the random state at the moment the epoch's data iterator was created is
-part of the checkpoint, it is restored, the iterator is re-created and the ``k`` batches already trained on are drawn
-and discarded (they are loaded, not trained on), and then the random states of the checkpoint are restored. A resumed run
-therefore reproduces the uninterrupted run exactly when all randomness flows through those generators (DataLoader
-shuffling, worker seeds, MONAI random transforms of entries given in ``save_dict``, dropout, ...) and no handler between
-the checkpoint and the next data draw consumes random numbers. Cost of a mid-epoch resume: loading ``k`` batches.
+Resume is iteration-exact. At STARTED the handler loads the file and sets ``engine.state.iteration``/``epoch``; ignite
+then finishes the interrupted epoch with the remaining ``epoch_length - k`` iterations. The handler also wraps the
+engine's data so that the interrupted epoch replays the same batch order: the random state at the moment the epoch's
+data iterator was created is part of the checkpoint; it is restored, the iterator is re-created, the ``k`` batches
+already trained on are drawn and discarded (loaded, not trained on), and then the checkpoint's random states are
+restored. A resumed run therefore reproduces the uninterrupted run exactly when all randomness flows through those
+generators (DataLoader shuffling, worker seeds, MONAI random transforms of entries given in ``save_dict``, dropout, ...)
+and no handler between the checkpoint and the next data draw consumes random numbers. Not exact: DataLoaders with
+``persistent_workers=True`` (their workers' random streams run on across epochs and are not saved). Cost of a mid-epoch
+resume: loading ``k`` batches.
 
 Everything is loaded with ``map_location`` (default "cpu") and ``torch.load(weights_only=True)``: GPU-saved checkpoints
 load on CPU-only machines, and loading never executes pickled code. A state that does not fit raises
@@ -91,8 +93,11 @@ def restore_rng_state(state: Mapping) -> None:
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
         else:
-            logger.warning("checkpoint has CUDA random states of %d devices, this machine has %d: not restored",
-                           len(cuda), torch.cuda.device_count())
+            logger.warning(
+                "checkpoint has CUDA random states of %d devices, this machine has %d: not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 def _random_transforms(obj: Any) -> list:
@@ -123,6 +128,12 @@ def _random_transforms(obj: Any) -> list:
     return found
 
 
+def _is_data_like(obj: Any) -> bool:
+    from monai.transforms import Transform
+
+    return isinstance(obj, (torch.utils.data.DataLoader, torch.utils.data.Dataset, Transform))
+
+
 # ---------------------------------------------------------------------------------------------------- state dicts
 def _describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> list[str]:
     missing = [k for k in expected if k not in given]
@@ -151,7 +162,8 @@ def load_module_state(module: torch.nn.Module, state: Mapping, source: str, name
         problems = [p for p in problems if p.startswith("shape")]
     if problems:
         raise CheckpointMismatchError(
-            f"checkpoint {source} does not fit {name!r} ({type(target).__name__}): " + "; ".join(problems)
+            f"checkpoint {source} does not fit {name!r} ({type(target).__name__}): "
+            + "; ".join(problems)
             + ". Check that the network configuration (channels, labels, features) matches the one that was trained."
         )
     result = target.load_state_dict(state, strict=strict)
@@ -171,8 +183,9 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
-def load_weights(network: torch.nn.Module, path: str | Path, map_location: Any = "cpu", key: str | None = None,
-                 strict: bool = True) -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module, path: str | Path, map_location: Any = "cpu", key: str | None = None, strict: bool = True
+) -> torch.nn.Module:
     """Load network weights from ``path`` with clear errors; returns ``network`` (usable in config expressions).
 
     Accepts a plain state_dict (e.g. a bundle's ``models/model.pt``), a dict of state_dicts such as MONAI
@@ -228,9 +241,9 @@ class ResumableCheckpointHandler:
 
     Args:
         save_dir: folder of the checkpoint file (created if needed).
-        save_dict: ``{name: object}``; objects with ``state_dict``/``load_state_dict`` (networks, optimizers, schedulers,
-            GradScaler, other engines) are saved; DataLoader/Dataset/Compose entries contribute the random states of
-            their MONAI random transforms. The engine the handler is attached to is always saved.
+        save_dict: ``{name: object}``; objects with ``state_dict``/``load_state_dict`` (networks, optimizers,
+            schedulers, GradScaler, other engines) are saved; DataLoader/Dataset/Compose entries contribute the random
+            states of their MONAI random transforms. The engine the handler is attached to is always saved.
         interval_iterations: also save every N iterations (mid-epoch checkpoints; None: only at epochs' ends).
         interval_epochs: save every N epochs (None or 0: never at epoch end).
         filename: checkpoint file name.
@@ -260,21 +273,17 @@ class ResumableCheckpointHandler:
         self.resume = resume
         self.map_location = map_location
         self.stateful = {k: v for k, v in self.save_dict.items() if hasattr(v, "state_dict")}
-        self.transforms = {k: _random_transforms(v) for k, v in self.save_dict.items() if k not in self.stateful}
-        empty = [k for k, v in self.transforms.items() if not v]
-        if empty:
+        unsupported = [k for k, v in self.save_dict.items() if k not in self.stateful and not _is_data_like(v)]
+        if unsupported:
             raise TypeError(
-                f"ResumableCheckpointHandler: save_dict entries {empty} have no state_dict and no MONAI random "
-                "transforms; pass networks, optimizers, schedulers, engines or data loaders"
+                f"ResumableCheckpointHandler: save_dict entries {unsupported} have no state_dict and are not a "
+                "DataLoader, Dataset or transform; pass networks, optimizers, schedulers, engines or data loaders"
             )
-        if _ENGINE_KEY in self.save_dict and not isinstance(self.save_dict[_ENGINE_KEY], Engine):
-            raise ValueError(f"save_dict key {_ENGINE_KEY!r} is reserved for the engine the handler is attached to")
-        self._engine: Engine | None = None
+        self.transforms = {k: _random_transforms(v) for k, v in self.save_dict.items() if k not in self.stateful}
         self._epoch_start_rng: dict | None = None
         self._replay: tuple[dict, int, dict, dict] | None = None
 
     def attach(self, engine: Engine) -> None:
-        self._engine = engine
         engine.add_event_handler(Events.STARTED, self.started)
         if self.interval_iterations:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval_iterations), self.iteration_save)
@@ -284,8 +293,12 @@ class ResumableCheckpointHandler:
     # ----------------------------------------------------------------------------------------------------- saving
     def _engine_state(self, engine: Engine) -> dict:
         s = engine.state
-        state = {"iteration": int(s.iteration), "epoch": int(s.epoch), "epoch_length": s.epoch_length,
-                 "max_epochs": s.max_epochs}
+        state = {
+            "iteration": int(s.iteration),
+            "epoch": int(s.epoch),
+            "epoch_length": s.epoch_length,
+            "max_epochs": s.max_epochs,
+        }
         for extra in ("best_metric", "best_metric_epoch"):  # MONAI workflows
             if hasattr(s, extra):
                 state[extra] = float(getattr(s, extra)) if extra == "best_metric" else int(getattr(s, extra))
@@ -345,8 +358,9 @@ class ResumableCheckpointHandler:
             "transform_rng": self._transform_states(),
         }
         atomic_torch_save(checkpoint, self.path)
-        logger.info("checkpoint saved: %s (epoch %d, iteration %d)", self.path, engine.state.epoch,
-                    engine.state.iteration)
+        logger.info(
+            "checkpoint saved: %s (epoch %d, iteration %d)", self.path, engine.state.epoch, engine.state.iteration
+        )
 
     # ----------------------------------------------------------------------------------------------------- loading
     def _restore_engine(self, engine: Engine, saved: Mapping, source: str) -> None:
@@ -360,8 +374,13 @@ class ResumableCheckpointHandler:
                     f"gives {length}; resume with the same data (or from an epoch-end checkpoint)"
                 )
             iteration = iteration // saved_length * length
-            logger.warning("%s: epoch length changed %d -> %d, resuming at epoch %d", source, saved_length, length,
-                           iteration // length)
+            logger.warning(
+                "%s: epoch length changed %d -> %d, resuming at epoch %d",
+                source,
+                saved_length,
+                length,
+                iteration // length,
+            )
         epoch = iteration // length if length else int(saved["epoch"])
         if state.max_epochs is not None and epoch > state.max_epochs:
             raise CheckpointMismatchError(

@@ -123,7 +123,11 @@ class NaNGuard:
         output = engine.state.output
         loss = self.output_transform(output) if self.output_transform is not None else loss_value(output, self.loss_key)
         if loss is not None and not is_finite(loss):
-            value = float(loss.detach().float().reshape(-1)[0]) if torch.is_tensor(loss) else float(loss)
+            if torch.is_tensor(loss):
+                flat = loss.detach().float().reshape(-1)
+                value = float(flat[~torch.isfinite(flat)][0])
+            else:
+                value = float(loss)
             self._stop(engine, f"loss is {value}")
         if self.check_parameters:
             bad = non_finite_parameters(self.networks, self.check_grads)

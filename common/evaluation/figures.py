@@ -115,7 +115,9 @@ def save_overlay_png(
             ax = fig.add_subplot(len(views), len(columns), r * len(columns) + col + 1)
             ax.imshow(cut(img).T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect, interpolation="nearest")
             if name != "image":
-                ax.imshow(_label_colours(cut(maps[name]).T, alpha), origin="lower", aspect=aspect, interpolation="nearest")
+                ax.imshow(
+                    _label_colours(cut(maps[name]).T, alpha), origin="lower", aspect=aspect, interpolation="nearest"
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

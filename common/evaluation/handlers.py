@@ -22,12 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from common.evaluation.figures import save_dice_boxplot, save_overlay_png
-from common.evaluation.metrics import (
-    DEFAULT_METRICS,
-    deformation_stats,
-    per_label_metrics,
-    region_metrics,
-)
+from common.evaluation.metrics import DEFAULT_METRICS, deformation_stats, per_label_metrics, region_metrics
 from common.evaluation.report import rows_from_metrics, write_report
 
 logger = logging.getLogger(__name__)
@@ -189,7 +184,10 @@ class SegmentationReportHandler:
                 case = f"{case}_{self._count:04d}"
             self._cases.add(case)
             kwargs = dict(
-                spacing=spacing, metrics=self.metrics, both_empty=self.both_empty, missing_distance=self.missing_distance
+                spacing=spacing,
+                metrics=self.metrics,
+                both_empty=self.both_empty,
+                missing_distance=self.missing_distance,
             )
             self.label_rows += rows_from_metrics(case, per_label_metrics(pred, gt, self.labels, **kwargs))
             if self.regions:
@@ -244,5 +242,11 @@ class SegmentationReportHandler:
             rows = region_rows if self.summary_of == "regions" else label_rows
             path = self.output_dir / f"{self.name}_dice_boxplot.png"
             self.written.append(save_dice_boxplot(rows, path, title=f"{self.name}: Dice per structure"))
-        logger.info("%s: %s = %.4f over %d cases -> %s", self.name, self.metric_name,
-                    engine.state.metrics[self.metric_name], len({r["case"] for r in label_rows}), self.output_dir)
+        logger.info(
+            "%s: %s = %.4f over %d cases -> %s",
+            self.name,
+            self.metric_name,
+            engine.state.metrics[self.metric_name],
+            len({r["case"] for r in label_rows}),
+            self.output_dir,
+        )

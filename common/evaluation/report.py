@@ -1,9 +1,9 @@
 """Evaluation reports: one row per case and label in CSV, the same plus a summary in JSON, the summary as markdown.
 
 Rows are flat dicts in "long" form, e.g. ``{"case": "sub031", "label": "frontal", "dice": 0.91, "hd95": 3.2,
-"assd": 0.8, "units": "mm"}`` (`rows_from_metrics` builds them from `metrics.per_label_metrics`). Every numeric column is
-summarised per group (``group_key``, default "label") as mean ± std over cases, and, when there are several groups, as
-mean ± std over cases of each case's mean over groups (the CLMorph "average over regions" protocol).
+"assd": 0.8, "units": "mm"}`` (`rows_from_metrics` builds them from `metrics.per_label_metrics`). Every numeric column
+is summarised per group (``group_key``, default "label") as mean ± std over cases, and, when there are several groups,
+as mean ± std over cases of each case's mean over groups (the CLMorph "average over regions" protocol).
 
 Conventions: std is the population std (ddof=0); NaN entries (e.g. a label absent from a case with
 ``both_empty="nan"``) are left out of mean and std and counted in ``n_missing``. The CSV keeps nan/inf as written by

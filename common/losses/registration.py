@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiffusionLoss
 from torch import nn
 
 from common.losses.contrastive import cosine_similarity_matrix, masked_info_nce
@@ -17,6 +16,7 @@ from common.registration.fields import warp
 __all__ = [
     "CLMorphLoss",
     "byol_loss",
+    "diffusion_loss",
     "kl_smooth_loss",
     "minmax_rescale",
     "neighbour_count",
@@ -60,6 +60,12 @@ def precision_term(mean: torch.Tensor) -> torch.Tensor:
         if diff.numel():
             total = total + diff.pow(2).mean()
     return total / (2 * dims)
+
+
+def diffusion_loss(ddf: torch.Tensor) -> torch.Tensor:
+    """VoxelMorph's diffusion regulariser: mean over axes of mean(forward difference of the field)^2."""
+    dims = ddf.ndim - 2
+    return sum(torch.diff(ddf, dim=axis).pow(2).mean() for axis in range(2, 2 + dims)) / dims
 
 
 def kl_smooth_loss(
@@ -117,7 +123,7 @@ class CLMorphLoss(nn.Module):
         kl_form: "laplacian" (default) or "diagonal" (Eq. 6 literal).
         temperature: tau of the contrastive loss.
         contrastive: "infonce" (NT-Xent of the projections) or "byol".
-        smooth: "kl" (needs svf mean/log-var) or "diffusion" (MONAI DiffusionLoss on the ddf, plain VoxelMorph).
+        smooth: "kl" (needs svf mean/log-var) or "diffusion" (`diffusion_loss` of the ddf, plain VoxelMorph).
         padding_mode: how the moving image is padded when warped for the reconstruction term.
     """
 
@@ -141,7 +147,6 @@ class CLMorphLoss(nn.Module):
         self.alpha, self.beta, self.image_sigma = float(alpha), float(beta), float(image_sigma)
         self.prior_lambda, self.kl_form, self.temperature = float(prior_lambda), kl_form, float(temperature)
         self.contrastive, self.smooth, self.padding_mode = contrastive, smooth, padding_mode
-        self.diffusion = DiffusionLoss()
 
     def forward(
         self, outputs: dict[str, torch.Tensor], moving: torch.Tensor, fixed: torch.Tensor
@@ -153,7 +158,7 @@ class CLMorphLoss(nn.Module):
         smooth = zero
         if self.alpha:
             if self.smooth == "diffusion":
-                smooth = self.diffusion(ddf)
+                smooth = diffusion_loss(ddf)
             elif "svf_log_var" not in outputs:
                 raise ValueError("smooth='kl' needs a probabilistic network (svf_mean/svf_log_var outputs)")
             else:

@@ -50,14 +50,19 @@ class CSTFeatureNet(nn.Sequential):
         super().__init__(*layers)
         self.downsample_factor = math.prod(strides)
 
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for module in list(self)[start:stop]:
+            x = module(x)
+        return x
+
     def adam_features(self, image: torch.Tensor) -> torch.Tensor:
         """Second-level features ``g[0:6](image)`` (64 channels at half resolution) for the instance optimisation."""
-        return self[:ADAM_FEATURE_LAYERS](image)
+        return self._run(image, 0, ADAM_FEATURE_LAYERS)
 
     def features_and_adam_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g(image), g[0:6](image))`` in one pass: the Adam features are an intermediate of ``g``."""
         early = self.adam_features(image)
-        return self[ADAM_FEATURE_LAYERS:](early), early
+        return self._run(early, ADAM_FEATURE_LAYERS, len(self)), early
 
 
 def random_projection(

@@ -398,16 +398,8 @@ def prealign(
     )
     transform = _Transform(mode, batch, dims, frozen_axes, device, dtype)
     optimiser = torch.optim.Adam(transform.parameters(), lr=learning_rate)
-    import os
-    sched = os.environ.get("SCHED", "none")
-    for k, (level, steps) in enumerate(zip(pyramid, iterations)):
-        for i in range(int(steps)):
-            if sched == "level":
-                optimiser.param_groups[0]["lr"] = learning_rate * 0.5**k
-            elif sched == "linear":
-                optimiser.param_groups[0]["lr"] = learning_rate * (1 - 0.9 * i / steps)
-            elif sched == "both":
-                optimiser.param_groups[0]["lr"] = learning_rate * 0.5**k * (1 - 0.9 * i / steps)
+    for level, steps in zip(pyramid, iterations):
+        for _ in range(int(steps)):
             optimiser.zero_grad(set_to_none=True)
             level_loss(start @ transform(), level).sum().backward()
             optimiser.step()

@@ -322,7 +322,7 @@ class AtlasRegistrationInferer(Inferer):
 
 
 class PairRegistrationInferer(Inferer):
-    """Registration mode: ``inputs`` ``[B, 2, *S]`` (moving, fixed) -> ``{"ddf", "warped"}`` (moving warped to fixed)."""
+    """Registration mode: ``inputs`` ``[B, 2, *S]`` (moving, fixed) -> ``{"ddf", "warped"}`` (moving on fixed)."""
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         pair = _plain(inputs).float()

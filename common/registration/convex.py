@@ -34,31 +34,34 @@ __all__ = [
     "feature_voxel_scale",
     "upsample_field",
     "feature_to_voxels",
+    "rescale_field",
     "inverse_consistency",
     "convex_register",
     "compose_fields",
 ]
 
 
-def _box3_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean of each voxel and its two neighbours along ``dim``, zeros outside (counted): a symmetric operator."""
+def _box3_sum_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of each voxel and its two neighbours along ``dim``, zeros outside: a symmetric operator."""
     out = x.clone()
     n = x.shape[dim]
     if n > 1:
         out.narrow(dim, 1, n - 1).add_(x.narrow(dim, 0, n - 1))
         out.narrow(dim, 0, n - 1).add_(x.narrow(dim, 1, n - 1))
-    return out.div_(3.0)
+    return out
 
 
 def _box3_repeated(x: torch.Tensor, times: int) -> torch.Tensor:
+    spatial = range(2, x.ndim)
     for _ in range(times):
-        for dim in range(2, x.ndim):
-            x = _box3_axis(x, dim)
+        for dim in spatial:
+            x = _box3_sum_axis(x, dim)
+        x = x.mul_(3.0 ** -len(spatial))  # once per full filter: values stay in range under fp16
     return x
 
 
 class _BoxFilter(torch.autograd.Function):
-    """Box3^n as separable 1D passes. The operator is symmetric, so its backward is the same filter."""
+    """Box3^n as separable 1D sums, scaled once per filter. The operator is symmetric: its backward is itself."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, times: int) -> torch.Tensor:
@@ -188,6 +191,17 @@ def feature_voxel_scale(
 def _resample(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     mode = "trilinear" if field.ndim == 5 else "bilinear"
     return F.interpolate(field, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
+
+
+def rescale_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resample a voxel field to ``size`` on cell-centred grids (``align_corners=False``), values times ``new/old``.
+
+    The reference's convention for moving fields between resolution levels (half-res pseudo labels, the Adam grid);
+    ``fields.resize_ddf`` is the ``align_corners=True`` counterpart.
+    """
+    factors = [new / old for new, old in zip(size, field.shape[2:])]
+    scale = torch.tensor(factors, dtype=field.dtype, device=field.device).view(1, -1, *([1] * len(factors)))
+    return _resample(field, size) * scale
 
 
 def upsample_field(field: torch.Tensor, output_shape: Sequence[int]) -> torch.Tensor:

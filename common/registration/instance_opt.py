@@ -1,7 +1,7 @@
 """Adam instance optimisation of a dense displacement field on fixed feature maps (the pseudo-label refinement).
 
-For a pair of (non-learned) feature maps ``G_f``, ``G_m`` ``[B, C, *grid]`` on a grid ``grid_spacing`` times coarser
-than the field, the parameters ``theta`` (voxels of the feature grid) are initialised from the input field and updated
+For a pair of (non-learned) feature maps ``G_f``, ``G_m`` ``[B, C, *grid]`` on a grid coarser than the field (half
+resolution in the paper), the parameters ``theta`` (voxels of the feature grid) are initialised from the input field and updated
 with Adam to minimise, per pair,
 
     data_weight * mean_{p,c} (G_m(p + phi(p)) - G_f(p))^2 + reg_fac * lambda_reg * sum_axis mean (phi(p + e_axis) - phi(p))^2
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common.registration import fields
-from common.registration.convex import box_filter
+from common.registration.convex import box_filter, rescale_field
 
 __all__ = ["adam_refine", "diffusion_regulariser"]
 
@@ -33,9 +33,20 @@ def diffusion_regulariser(field: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _resample(field: torch.Tensor, size) -> torch.Tensor:
-    mode = "trilinear" if field.ndim == 5 else "bilinear"
-    return F.interpolate(field, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
+class _MeanSquaredError(torch.autograd.Function):
+    """Per-pair ``mean((a - b)^2)`` ``[B]``, gradient for ``a`` only: stores the residual once, one product backward."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        residual = a - b
+        ctx.save_for_backward(residual)
+        return residual.pow(2).flatten(1).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (residual,) = ctx.saved_tensors
+        scale = grad.view(-1, *([1] * (residual.ndim - 1))) * (2.0 / residual[0].numel())
+        return residual * scale, None
 
 
 def adam_refine(
@@ -50,9 +61,9 @@ def adam_refine(
     smoothing_passes: int = 3,
     return_prestep: bool = True,
 ) -> torch.Tensor:
-    """Refine the voxel field ``ddf`` ``[B, D, *shape]`` with Adam on features ``[B, C, *shape / grid_spacing]``.
+    """Refine the voxel field ``ddf`` ``[B, D, *shape]`` with Adam on features ``[B, C, *grid]`` (half-res in the paper).
 
-    The feature grid must be an integer factor (``grid_spacing``, 2 in the paper) coarser than ``ddf`` along every axis.
+    Fields move between the two grids with ``convex.rescale_field`` (cell-centred, values scaled by the size ratio).
     ``return_prestep=True`` reproduces the reference, which returns the smoothed field of its last iteration computed
     before that iteration's update (quirk Q7: ``iterations - 1`` effective updates); ``False`` returns the field after
     the last update. Runs in fp32 whatever the autocast state.
@@ -61,26 +72,24 @@ def adam_refine(
         raise ValueError(f"feature maps differ: {tuple(feat_fixed.shape)} vs {tuple(feat_moving.shape)}")
     shape = tuple(ddf.shape[2:])
     grid = tuple(feat_fixed.shape[2:])
-    spacings = {n / g for n, g in zip(shape, grid)}
-    if len(spacings) != 1 or not float(next(iter(spacings))).is_integer():
-        raise ValueError(f"field grid {shape} must be one integer factor finer than the feature grid {grid}")
-    grid_spacing = float(spacings.pop())
     memory_format = torch.channels_last_3d if ddf.ndim == 5 else torch.channels_last
     with torch.enable_grad(), torch.autocast(device_type=ddf.device.type, enabled=False):
         fixed = feat_fixed.detach().float().contiguous()
         moving = feat_moving.detach().float().contiguous(memory_format=memory_format)
-        theta = (_resample(ddf.detach().float(), grid) / grid_spacing).requires_grad_(True)
+        theta = rescale_field(ddf.detach().float(), grid).requires_grad_(True)
         optimiser = torch.optim.Adam([theta], lr=learning_rate)
         phi = box_filter(theta, smoothing_passes)
         for _ in range(int(iterations)):
             optimiser.zero_grad(set_to_none=True)
             phi = box_filter(theta, smoothing_passes)
-            sampled = fields.warp(moving, phi, mode="bilinear", padding_mode="zeros")
-            data = (sampled - fixed).pow(2).flatten(1).mean(1)
+            sampled = F.grid_sample(
+                moving, fields.to_sampling_grid(phi), mode="bilinear", padding_mode="zeros", align_corners=True
+            )
+            data = _MeanSquaredError.apply(sampled, fixed)
             loss = data_weight * data + (reg_fac * lambda_reg) * diffusion_regulariser(phi)
             loss.sum().backward()
             optimiser.step()
         if not return_prestep:
             phi = box_filter(theta, smoothing_passes)
         refined = phi.detach()
-    return box_filter(_resample(refined * grid_spacing, shape), smoothing_passes).to(ddf.dtype)
+    return box_filter(rescale_field(refined, shape), smoothing_passes).to(ddf.dtype)

@@ -369,7 +369,9 @@ class BundleTestSuite:
         proc = subprocess.run(
             cmd, cwd=case.bundle_root, env=env, capture_output=True, text=True, timeout=case.cli_timeout, check=False
         )
-        assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert (
+            proc.returncode == 0
+        ), f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         if case.cli_stage == 0:
             for name in case.checkpoint_files[:1]:
                 assert (Path(overrides["ckpt_dir"]) / name).is_file(), f"CLI training wrote no {name}"
@@ -417,6 +419,7 @@ class BundleTestSuite:
         configs = [str(root / f) for f in case.inference_configs]
         ckpt_file = trained["ckpt_dir"] / case.checkpoint_files[0]
         ts_file = trained["tmp"] / "export" / "model.ts"
+        ts_file.parent.mkdir(parents=True, exist_ok=True)
         shape = list(case.export_input_shape or input_shape_from_metadata(meta_file))
         overrides = self._overrides(trained, "export", case.infer_overrides)
         with bundle_context(root):

@@ -83,7 +83,7 @@ LOAD = [
 ]
 
 TRAIN = {
-    "imports": ["$import glob", "$import os", "$import common", "$import common.io", "$import scripts.glue"],
+    "imports": ["$import glob", "$import os", "$import common", "$import common.io", "$import scripts", "$import scripts.glue"],
     "bundle_root": ".",
     "ckpt_dir": "$@bundle_root + '/models'",
     "output_dir": "$@bundle_root + '/eval'",
@@ -204,7 +204,7 @@ EVALUATE = {
 }
 
 INFERENCE = {
-    "imports": ["$import glob", "$import os", "$import common", "$import scripts.glue"],
+    "imports": ["$import glob", "$import os", "$import common", "$import scripts", "$import scripts.glue"],
     "bundle_root": ".",
     "ckpt_dir": "$@bundle_root + '/models'",
     "output_dir": "$@bundle_root + '/eval'",
@@ -258,9 +258,9 @@ MULTI_GPU_TRAIN = {
     "imports_distributed": IMPORTS_DISTRIBUTED,
     "dist_backend": "$common.distributed.default_backend()",
     "device": "$common.distributed.local_device()",
-    "network": {
-        "_target_": "torch.nn.parallel.DistributedDataParallel",
-        "module": "$@network_def.to(@device)",
+    "train#trainer#network": {
+        "_target_": "common.distributed.DistributedNetwork",
+        "module": "@network",
         "device_ids": "$common.distributed.device_ids(@device)",
     },
     "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
@@ -272,7 +272,11 @@ MULTI_GPU_TRAIN = {
                          "shuffle": False},
     "validate#dataloader#sampler": "@validate#sampler",
     "validate#evaluator#val_handlers": "$common.distributed.rank0_handlers(@validate#handlers)",
-    "initialize": [INIT_DISTRIBUTED, *TRAIN["initialize"]],
+    "initialize": [
+        INIT_DISTRIBUTED,
+        "$monai.utils.set_determinism(seed=common.distributed.get_rank())",
+        *TRAIN["initialize"][1:],
+    ],
     "finalize": ["$common.distributed.destroy_process_group()"],
 }
 

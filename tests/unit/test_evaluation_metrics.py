@@ -195,3 +195,31 @@ def test_deformation_stats_rejects_batches():
 def test_mask_metrics_rejects_unknown_metric():
     with pytest.raises(ValueError, match="unknown metrics"):
         mask_metrics(torch.ones(4, 4, 4), torch.ones(4, 4, 4), metrics=("dice", "hd99"))
+
+
+@pytest.mark.parametrize("spacing", [None, (0.8, 1.7, 3.0)])
+def test_distances_equal_monai_compute_functions(spacing):
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    blobs = [gaussian_filter(rng.standard_normal((20, 22, 18)), 2.0) > 0.05 for _ in range(2)]
+    r = mask_metrics(torch.from_numpy(blobs[0]), torch.from_numpy(blobs[1]), spacing, ("hd95", "hd", "assd"))
+    yp, yt = (torch.from_numpy(b)[None, None].float() for b in blobs)
+    kw = dict(include_background=True, spacing=spacing)
+    assert r["hd95"] == pytest.approx(float(compute_hausdorff_distance(yp, yt, percentile=95, **kw)), rel=1e-5)
+    assert r["hd"] == pytest.approx(float(compute_hausdorff_distance(yp, yt, **kw)), rel=1e-6)
+    assert r["assd"] == pytest.approx(float(compute_average_surface_distance(yp, yt, symmetric=True, **kw)), rel=1e-5)
+
+
+def test_cropping_to_labels_does_not_change_results():
+    rng = np.random.default_rng(2)
+    gt = rng.integers(0, 4, size=(6, 7, 5)).repeat(3, 0).repeat(3, 1).repeat(3, 2)  # blocky, touches every face
+    pred = np.roll(gt, 2, axis=2)
+    pred[pred == 3] = 0  # label 3 missed: its distances use the diagonal of the whole volume, not of a crop
+    full = {
+        str(k): mask_metrics(torch.from_numpy(pred == k), torch.from_numpy(gt == k), (1, 1, 2), ("dice", "hd", "assd"))
+        for k in (1, 2, 3, 7)
+    }
+    cropped = per_label_metrics(pred, gt, [1, 2, 3, 7], spacing=(1, 1, 2), metrics=("dice", "hd", "assd"))
+    assert {k: {m: v[m] for m in ("dice", "hd", "assd")} for k, v in cropped.items()} == full

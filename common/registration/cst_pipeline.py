@@ -1,0 +1,249 @@
+"""Registration network ``f = h o g`` of cyclical self-training and its test-time pipeline (Bigalke et al. 2023).
+
+* :class:`CSTRegistrationNet` (the bundle's ``network_def``): feature net ``g`` + convex optimiser ``h``.
+  ``forward(pair)`` with ``pair = [B, 2, *S]`` = (moving, fixed) returns the voxel displacement ``[B, 3, *S]``
+  (``warped(p) = moving(p + ddf(p))``) of the pseudo-label / test pipeline *without* Adam: intensity clamp, one or
+  two warps (the second on the nearest-neighbour warped, re-clamped moving image), each with optional forward-backward
+  inverse consistency. It is traceable (``ckpt_export --use_trace True``).
+* :meth:`CSTRegistrationNet.predict`: the differentiable learning stream (one warp, no ICE, no clamp).
+* :func:`register_pair`: the full pipeline including the Adam instance optimisation on ``5 * P(g[0:6](.))`` with a
+  random projection ``P`` per pair; every step switchable (Table 1 of the paper). :class:`CSTInferer` wraps it for
+  MONAI evaluators.
+
+State-dict keys are ``feature_net.<i>.*``: ``g`` itself (:class:`~common.networks.cst_features.CSTFeatureNet`) keeps
+the reference layer order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.inferers import Inferer
+from torch import nn
+
+from common.networks.cst_features import CSTFeatureNet, random_projection
+from common.registration import fields
+from common.registration.convex import compose_fields, convex_register
+from common.registration.instance_opt import adam_refine
+
+__all__ = ["CSTRegistrationNet", "RegistrationResult", "register_pair", "CSTInferer", "standardize_channels"]
+
+
+def standardize_channels(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit standard deviation of every channel over space, per item (a deviation from the reference).
+
+    Why: a randomly initialised ``g`` on [0, 1]-scaled MR gives nearly constant features, a flat cost volume and a
+    near-zero stage-0 field; standardising makes the SAD cost independent of the input intensity range.
+    """
+    dims = tuple(range(2, features.ndim))
+    mean = features.mean(dim=dims, keepdim=True)
+    std = features.std(dim=dims, keepdim=True)
+    return (features - mean) / (std + eps)
+
+
+@dataclass
+class RegistrationResult:
+    """Pipeline output: final field ``ddf``, the field of each warp, the composite before Adam (``pre_adam``), and
+    the second-level features ``g[0:6]`` of fixed and original moving image (only when requested)."""
+
+    ddf: torch.Tensor
+    warp_ddfs: list[torch.Tensor]
+    pre_adam: torch.Tensor | None = None
+    adam_fixed: torch.Tensor | None = None
+    adam_moving: torch.Tensor | None = None
+
+
+class CSTRegistrationNet(nn.Module):
+    """``f = h o g``: pair ``[B, 2, *S]`` (moving, fixed; ``S`` divisible by 8) -> voxel ddf ``[B, 3, *S]``.
+
+    Args:
+        feature_net: ``g``; default a fresh :class:`CSTFeatureNet` (PyTorch default init).
+        num_warps: 1 or 2 registrations in the pseudo-label / test pipeline (2 in the paper).
+        use_ice: forward-backward inverse consistency in that pipeline.
+        intensity_clamp: ``(low, high)`` clamp of both inputs in that pipeline (``(-0.4, 0.6)`` for CT as HU/500);
+            ``None`` for images already in a bounded range (MR).
+        standardize_features: per-channel standardisation of ``g``'s output before the cost volume (off in the
+            reference; useful for MR, see :func:`standardize_channels`).
+        radius, beta, alphas, feature_scale, ice_iterations: optimiser settings (paper: 2, 20, (0.003, 0.03, 0.3),
+            5, 15).
+        legacy_norm_scale: reference scale of feature voxels (quirk Q1), see ``convex.feature_voxel_scale``.
+        legacy_compose_order: reference (reversed) composition of the two warps (quirk Q2).
+        second_warp_mode: interpolation of the moving image for the second warp ("nearest" as the reference).
+        amp: autocast (fp16) on CUDA; ignored on CPU, which always runs fp32.
+    """
+
+    def __init__(
+        self,
+        feature_net: nn.Module | None = None,
+        num_warps: int = 2,
+        use_ice: bool = True,
+        intensity_clamp: Sequence[float] | None = (-0.4, 0.6),
+        standardize_features: bool = False,
+        radius: int = 2,
+        beta: float = 20.0,
+        alphas: Sequence[float] = (0.003, 0.03, 0.3),
+        feature_scale: float = 5.0,
+        ice_iterations: int = 15,
+        legacy_norm_scale: bool = True,
+        legacy_compose_order: bool = True,
+        second_warp_mode: str = "nearest",
+        amp: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_warps not in (1, 2):
+            raise ValueError(f"num_warps must be 1 or 2, got {num_warps}")
+        self.feature_net = feature_net if feature_net is not None else CSTFeatureNet()
+        self.num_warps = int(num_warps)
+        self.use_ice = bool(use_ice)
+        self.intensity_clamp = None if intensity_clamp is None else (float(intensity_clamp[0]), float(intensity_clamp[1]))
+        self.standardize_features = bool(standardize_features)
+        self.optimiser_kwargs = dict(
+            radius=int(radius),
+            beta=float(beta),
+            alphas=tuple(float(a) for a in alphas),
+            feature_scale=float(feature_scale),
+            ice_iterations=int(ice_iterations),
+            legacy_norm_scale=bool(legacy_norm_scale),
+        )
+        self.legacy_compose_order = bool(legacy_compose_order)
+        self.second_warp_mode = second_warp_mode
+        self.amp = bool(amp)
+
+    # -- building blocks ---------------------------------------------------------------------------------------------
+
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device_type=device.type, enabled=self.amp and device.type == "cuda")
+
+    def clamp(self, image: torch.Tensor) -> torch.Tensor:
+        return image if self.intensity_clamp is None else image.clamp(*self.intensity_clamp)
+
+    def features(self, image: torch.Tensor, with_adam: bool = False):
+        """``g(image)`` (optionally standardised), and ``g[0:6](image)`` too when ``with_adam``."""
+        if with_adam:
+            feats, early = self.feature_net.features_and_adam_features(image)
+        else:
+            feats, early = self.feature_net(image), None
+        if self.standardize_features:
+            feats = standardize_channels(feats.float())
+        return (feats, early) if with_adam else feats
+
+    def optimise(self, feat_fixed, feat_moving, output_shape, use_ice: bool) -> torch.Tensor:
+        """``h``: features -> voxel field on ``output_shape`` (fp32)."""
+        return convex_register(feat_fixed, feat_moving, output_shape, use_ice=use_ice, **self.optimiser_kwargs).float()
+
+    # -- the two streams ---------------------------------------------------------------------------------------------
+
+    def predict(self, moving: torch.Tensor, fixed: torch.Tensor, output_shape: Sequence[int]) -> torch.Tensor:
+        """Learning stream: separate ``g`` calls (per-stream BatchNorm statistics), one warp, no ICE, differentiable."""
+        with self._autocast(fixed.device):
+            feat_fixed = self.features(fixed)
+            feat_moving = self.features(moving)
+            return self.optimise(feat_fixed, feat_moving, output_shape, use_ice=False)
+
+    def register(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        num_warps: int | None = None,
+        use_ice: bool | None = None,
+        with_adam_features: bool = False,
+    ) -> RegistrationResult:
+        """Pseudo-label / test stream without Adam on the clamped images (call under ``no_grad`` and ``eval()``)."""
+        num_warps = self.num_warps if num_warps is None else int(num_warps)
+        use_ice = self.use_ice if use_ice is None else bool(use_ice)
+        shape = tuple(fixed.shape[2:])
+        fixed, moving = self.clamp(fixed), self.clamp(moving)
+        with self._autocast(fixed.device):
+            feat_fixed, early_fixed = self.features(fixed, with_adam=True)
+            feat_moving, early_moving = self.features(moving, with_adam=True)
+            ddfs = [self.optimise(feat_fixed, feat_moving, shape, use_ice)]
+            if num_warps == 2:
+                moved = self.clamp(fields.warp(moving, ddfs[0], mode=self.second_warp_mode, padding_mode="zeros"))
+                ddfs.append(self.optimise(feat_fixed, self.features(moved), shape, use_ice))
+        ddf = ddfs[0] if num_warps == 1 else compose_fields(ddfs[0], ddfs[1], self.legacy_compose_order)
+        if not with_adam_features:
+            early_fixed = early_moving = None
+        return RegistrationResult(ddf=ddf, warp_ddfs=ddfs, pre_adam=ddf, adam_fixed=early_fixed, adam_moving=early_moving)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        if pair.shape[1] != 2:
+            raise ValueError(f"expected a (moving, fixed) pair with 2 channels, got shape {tuple(pair.shape)}")
+        return self.register(pair[:, :1], pair[:, 1:]).ddf
+
+
+def register_pair(
+    network: CSTRegistrationNet,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    num_warps: int | None = None,
+    use_ice: bool | None = None,
+    use_adam: bool = True,
+    reg_fac: float = 1.0,
+    adam_iterations: int = 50,
+    adam_channels: int = 32,
+    adam_feature_scale: float = 5.0,
+    adam_return_prestep: bool = True,
+    generator: torch.Generator | None = None,
+) -> RegistrationResult:
+    """Full pseudo-label / test pipeline (§4.7): ``g`` in eval mode, no gradients to ``g``; optional Adam refinement.
+
+    The Adam features are ``adam_feature_scale * P(g[0:6](image))`` of the clamped fixed and the *original* moving
+    image, with one random projection ``P`` (``adam_channels`` outputs) per pair drawn from ``generator``.
+    Returns the final field in ``ddf`` and the field before Adam in ``pre_adam``.
+    """
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            result = network.register(moving, fixed, num_warps, use_ice, with_adam_features=use_adam)
+        if use_adam:
+            refined = []
+            for b in range(fixed.shape[0]):
+                weight = random_projection(result.adam_fixed[b : b + 1], adam_channels, generator)
+                proj_f = adam_feature_scale * torch.nn.functional.conv3d(result.adam_fixed[b : b + 1].float(), weight)
+                proj_m = adam_feature_scale * torch.nn.functional.conv3d(result.adam_moving[b : b + 1].float(), weight)
+                refined.append(
+                    adam_refine(
+                        proj_f,
+                        proj_m,
+                        result.ddf[b : b + 1],
+                        reg_fac=reg_fac,
+                        iterations=adam_iterations,
+                        return_prestep=adam_return_prestep,
+                    )
+                )
+            result = RegistrationResult(ddf=torch.cat(refined), warp_ddfs=result.warp_ddfs, pre_adam=result.ddf)
+    finally:
+        network.train(was_training)
+    return result
+
+
+class CSTInferer(Inferer):
+    """MONAI inferer: ``inputs`` ``[B, 2, *S]`` (moving, fixed) -> ddf with the configured test pipeline.
+
+    Matches Table 1's test configurations through ``num_warps`` (1/2) and ``use_adam``; ``reg_fac`` weights the Adam
+    regulariser (1 for pseudo labels; the reference test script passes 10). The projection seed is fixed, so
+    inference is deterministic.
+    """
+
+    def __init__(
+        self,
+        num_warps: int | None = None,
+        use_ice: bool | None = None,
+        use_adam: bool = True,
+        reg_fac: float = 1.0,
+        adam_iterations: int = 50,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            num_warps=num_warps, use_ice=use_ice, use_adam=use_adam, reg_fac=reg_fac, adam_iterations=adam_iterations
+        )
+        self.seed = int(seed)
+
+    def __call__(self, inputs: torch.Tensor, network: CSTRegistrationNet, *args, **kwargs) -> torch.Tensor:
+        pair = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        generator = torch.Generator().manual_seed(self.seed)
+        return register_pair(network, pair[:, :1], pair[:, 1:], generator=generator, **self.kwargs).ddf

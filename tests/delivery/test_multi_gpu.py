@@ -1,0 +1,216 @@
+"""Multi-GPU configs on PyTorch's distributed engine, run on CPU: 2 Gloo processes under torchrun.
+
+Unit part: ``common.distributed`` (gradient all-reduce through routed entry points, the per-epoch subset sampler,
+rank-0 handler filtering) with two forked Gloo processes. Bundle part, for every bundle: all training stages layered with
+``multi_gpu_train.json`` and then ``evaluate.json + multi_gpu_evaluate.json`` in one torchrun launch; the rank-0
+checkpoint has the single-process structure (plain ``network_def`` keys) and the distributed evaluation reports the
+same per-case numbers as a single-process evaluation of the same weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from common.distributed import DistributedNetwork, DistributedSubsetSampler, rank0_handlers
+from tests.bundles.harness import run_workflow
+from tests.delivery.bundles import (
+    PYTHON,
+    TINY,
+    bundle_root_of,
+    build_inference_network,
+    discover_bundles,
+    harness_case,
+    make_workspace,
+    subprocess_env,
+    tiny_case,
+)
+from tests.delivery.tiny_bundle import write_tiny_bundle
+
+RUNNER = Path(__file__).with_name("dist_runner.py")
+
+
+# ---------------------------------------------------------------------------------------------------- unit: helpers
+def test_subset_sampler_splits_one_shared_order() -> None:
+    dataset = list(range(7))
+    ranks = [DistributedSubsetSampler(dataset, num_samples=5, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(4)
+    per_rank = [list(s) for s in ranks]
+    order = torch.randperm(7, generator=torch.Generator().manual_seed(3 + 4)).tolist()[:5]
+    padded = order + order[:1]  # 5 items padded to 6 = 2 ranks x 3
+    assert per_rank == [padded[0::2], padded[1::2]]
+    assert len(ranks[0]) == 3
+    ranks[0].set_epoch(5)
+    assert list(ranks[0]) != per_rank[0], "a new epoch must draw a new subset"
+    many = DistributedSubsetSampler(dataset, num_samples=16, seed=0, num_replicas=2, rank=0)
+    assert len(list(many)) == 8 and set(list(many)) <= set(dataset)
+
+
+class StatsHandler:  # stand-ins named like the handlers they represent (matching is by class name)
+    pass
+
+
+class ValidationHandler:
+    pass
+
+
+class ModelWeightsSaver:
+    pass
+
+
+class _Twin(torch.nn.Module):
+    """A network with an extra training entry point and a non-differentiable helper (like BYOL's target update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1, bias=False)
+        torch.nn.init.constant_(self.lin.weight, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.lin(x)
+
+    def helper(self) -> str:
+        return "module attribute"
+
+
+def _worker(rank: int, init_file: str, results: Any) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        net = DistributedNetwork(_Twin(), methods=["forward_train"])
+        x = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * rank
+        net.forward_train(x).sum().backward()
+        handlers = [StatsHandler(), ValidationHandler(), ModelWeightsSaver()]
+        kept = [type(h).__name__ for h in rank0_handlers(handlers, extra=["ModelWeightsSaver"])]
+        results[rank] = (net.module.lin.weight.grad.clone(), net.helper(), kept, sorted(net.state_dict())[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_network_all_reduces_routed_entry_points() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.get_context("fork").Manager()
+        results = manager.dict()
+        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, start_method="fork")
+        results = dict(results)
+    # d/dw sum(2 * x w) = 2 * column sums of x; DDP averages the two ranks' gradients.
+    x0 = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    expected = (2 * x0.sum(0) + 2 * (x0 + 10).sum(0)) / 2
+    for rank in (0, 1):
+        grad, helper, kept, first_key = results[rank]
+        torch.testing.assert_close(grad, expected[None])
+        assert helper == "module attribute"
+        assert first_key == "module.lin.weight"  # the wrapper's own keys; savers unwrap them
+    assert results[0][2] == ["StatsHandler", "ValidationHandler", "ModelWeightsSaver"]
+    assert results[1][2] == ["ValidationHandler"]
+
+
+# ------------------------------------------------------------------------------------------------- bundle configs
+def _case(name: str, tmp_path: Path):
+    case = tiny_case(write_tiny_bundle(tmp_path / "src")) if name == TINY else harness_case(name)
+    if case is None:
+        pytest.skip(f"{name}: no harness BundleCase in tests/bundles yet")
+    root = bundle_root_of(case)
+    # two validation and two test cases, so that every rank of two evaluates at least one
+    kwargs = {**case.dataset_kwargs, "num_validation": 2, "num_test": 2}
+    bigger = dataclasses.replace(case, num_subjects=max(case.num_subjects, 4) + 2, dataset_kwargs=kwargs)
+    bigger._root = root
+    return bigger, root
+
+
+def _bundles() -> list[str]:
+    """Real bundles (each torchrun launch costs ~20 s of CPU); the fixture only while none exists."""
+    return discover_bundles() or [TINY]
+
+
+@pytest.mark.parametrize("name", discover_bundles())
+def test_multi_gpu_configs_keep_the_bundle_initialize(name: str) -> None:
+    """Override files replace whole top-level lists: multi_gpu_*.json must repeat every train.json initialize step."""
+    folder = Path(__file__).resolve().parents[2] / "bundles" / name / "configs"
+    base = json.loads((folder / "train.json").read_text()).get("initialize", [])
+    for override in ("multi_gpu_train.json", "multi_gpu_evaluate.json"):
+        path = folder / override
+        assert path.is_file(), f"{name}: {override} is missing"
+        config = json.loads(path.read_text())
+        init = config["initialize"]
+        assert init[0].startswith("$common.distributed.init_process_group("), f"{override}: join the group first"
+        assert config["finalize"] == ["$common.distributed.destroy_process_group()"]
+        plain = [step for step in init[1:] if "set_determinism" not in step]
+        assert plain == [step for step in base if "set_determinism" not in step], f"{override}: initialize drifted"
+        assert any("set_determinism" in step for step in init) == any("set_determinism" in s for s in base)
+
+
+def _iter_keys(obj: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield f"{prefix}{key}"
+            yield from _iter_keys(value, f"{prefix}{key}.")
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as handle:
+        return sorted(csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
+def _assert_same_table(got: Path, expected: Path) -> None:
+    rows_got, rows_expected = _csv_rows(got), _csv_rows(expected)
+    assert len(rows_got) == len(rows_expected), f"{got.name}: {len(rows_got)} rows != {len(rows_expected)}"
+    for row_got, row_expected in zip(rows_got, rows_expected):
+        for a, b in zip(row_got, row_expected):
+            try:
+                assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-5, nan_ok=True), f"{got.name}: {a} != {b}"
+            except ValueError:
+                assert Path(a).name == Path(b).name, f"{got.name}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("name", _bundles())
+def test_torchrun_two_cpu_processes(name: str, tmp_path: Path) -> None:
+    case, root = _case(name, tmp_path)
+    ws = make_workspace(case, tmp_path)
+    jobs = [
+        {"config_file": [*stage, "configs/multi_gpu_train.json"], "overrides": ws.overrides("train", tmp_path / f"t{i}")}
+        for i, stage in enumerate(case.train_stages)
+    ]
+    evaluate = ws.overrides("evaluate", tmp_path / "mg_eval")
+    jobs.append({"config_file": [*case.evaluate_files(), "configs/multi_gpu_evaluate.json"], "overrides": evaluate})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUNNER)]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "jobs.json")], cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+    # rank 0 saved what a single process saves: the plain state_dict of network_def (no DDP "module." prefix)
+    reference = build_inference_network(ws).state_dict()
+    model = torch.load(ws.ckpt_dir / case.checkpoint_files[0], map_location="cpu", weights_only=True)
+    model = model[case.key_in_ckpt] if case.key_in_ckpt else model
+    assert {k: tuple(v.shape) for k, v in model.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    for file in sorted(ws.ckpt_dir.glob("*.pt")):
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        wrapped = [k for k in _iter_keys(state) if ".module." in f".{k}"]
+        assert not wrapped, f"{file.name}: DDP-wrapped keys {wrapped[:3]}"
+
+    # the distributed evaluation gathers every case: same tables as one process on the same weights
+    single = ws.overrides("evaluate", tmp_path / "sp_eval")
+    assert not run_workflow(root, case.evaluate_files(), "train", single)
+    tables = sorted(p for p in (tmp_path / "sp_eval").rglob("*") if p.suffix in (".csv", ".tsv"))
+    assert tables, "the single-process evaluation wrote no table to compare"
+    for table in tables:
+        twin = tmp_path / "mg_eval" / table.relative_to(tmp_path / "sp_eval")
+        assert twin.is_file(), f"multi-GPU evaluation wrote no {twin.name}"
+        _assert_same_table(twin, table)
