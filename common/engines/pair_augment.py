@@ -80,11 +80,7 @@ def _ddf(matrix: np.ndarray, shape: Sequence[int], like: torch.Tensor) -> torch.
 
 
 def transform_target(
-    target: torch.Tensor,
-    a1: np.ndarray,
-    a2: np.ndarray,
-    image_shape: Sequence[int],
-    mode: str = "exact",
+    target: torch.Tensor, a1: np.ndarray, a2: np.ndarray, image_shape: Sequence[int], mode: str = "exact"
 ) -> torch.Tensor:
     """Target ``[1, D, *coarse]`` (coarse-grid voxels) of the original pair -> target of the augmented pair."""
     if mode not in LABEL_TRANSFORMS:

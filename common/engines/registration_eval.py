@@ -32,13 +32,7 @@ from common.evaluation.report import write_report
 from common.io import atomic_write_text
 from common.registration import fields
 
-__all__ = [
-    "l2r_sdlogj",
-    "pair_metrics",
-    "prepare_pair_batch",
-    "PairRegistrationEvaluator",
-    "RegistrationReportHandler",
-]
+__all__ = ["l2r_sdlogj", "pair_metrics", "prepare_pair_batch", "PairRegistrationEvaluator", "RegistrationReportHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +54,7 @@ def l2r_sdlogj(ddf: torch.Tensor, crop: int = 2) -> dict[str, float]:
 
 
 def pair_metrics(
-    fixed_label: torch.Tensor,
-    moving_label: torch.Tensor,
-    ddf: torch.Tensor | None,
-    labels: Mapping[int, str],
+    fixed_label: torch.Tensor, moving_label: torch.Tensor, ddf: torch.Tensor | None, labels: Mapping[int, str]
 ) -> tuple[dict[str, float], dict[str, float]]:
     """``({label name: Dice}, summary)`` for one pair; ``ddf=None`` scores the unregistered pair.
 

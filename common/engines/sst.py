@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.engines import Trainer
 from torch import nn
 from torch.utils.data import Dataset
@@ -61,6 +62,7 @@ __all__ = [
     "StylePretrainTrainer",
     "JointTrainer",
     "FlowAAETrainer",
+    "StageRunner",
     "StageWeightSaver",
     "load_stage_weights",
     "style_codes",
@@ -96,6 +98,11 @@ def _name_of(entry: Mapping) -> str:
     if "subject" in entry:
         return str(entry["subject"])
     return Path(str(entry["image"])).name.split(".")[0]
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain tensor (MetaTensor metadata dropped) so that stage files load with ``weights_only=True``."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 def _affine_of(x: Any) -> np.ndarray:
@@ -141,11 +148,11 @@ def prepare_sst_data(
     if not pool:
         raise ValueError(f"{datalist}: section '{section}' needs at least one unlabelled image besides the atlas")
     return SSTData(
-        base_image=torch.as_tensor(loaded["image"]).float(),
-        base_label=torch.as_tensor(loaded["label"]).long(),
+        base_image=_plain(loaded["image"]).float(),
+        base_label=_plain(loaded["label"]).long(),
         base_name=names[index],
         affine=_affine_of(loaded["image"]),
-        images=[torch.as_tensor(img).float() for img, _ in pool],
+        images=[_plain(img).float() for img, _ in pool],
         names=[n for _, n in pool],
         labels=labels,
     )
@@ -536,6 +543,29 @@ class FlowAAETrainer(_SSTTrainer):
         }
 
 
+class StageRunner(_SSTTrainer):
+    """A one-iteration MONAI trainer around a non-training stage (S3 flows, S5 generation, "Reg." evaluation).
+
+    Every stage config then exposes the same ``train#trainer`` (handlers, MLflow tracking, ``check_properties``).
+    ``function`` is called once; its return value is kept in ``engine.state.stage_result``.
+    """
+
+    def __init__(
+        self,
+        device,
+        function: Callable[[], Any],
+        max_epochs: int = 1,
+        train_data_loader: Sequence | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(device, max_epochs, train_data_loader if train_data_loader is not None else [0], **kwargs)
+        self.function = function
+
+    def _iteration(self, engine: StageRunner, batchdata: Any) -> dict:
+        engine.state.stage_result = engine.function()
+        return {"result": str(engine.state.stage_result)}
+
+
 # -------------------------------------------------------------------------------------------------- stage weights
 class StageWeightSaver:
     """Write ``{name: state_dict}`` of ``modules`` to ``path`` atomically when the engine completes.
@@ -613,7 +643,7 @@ def extract_flows(
     files = []
     for name, image in zip(data.names, data.images, strict=True):
         ddf = _base_to_target_flow(base, image[None].to(device) * 2 - 1, key_encoder, appearance, flow_net)
-        atomic_torch_save(ddf[0].cpu(), out / f"{name}.pt")
+        atomic_torch_save(_plain(ddf[0]).cpu(), out / f"{name}.pt")
         files.append(f"{name}.pt")
     return atomic_json_dump(
         {"base": data.base_name, "spatial_size": list(data.spatial_size), "flows": files}, out / "index.json"
@@ -654,10 +684,10 @@ def evaluate_atlas_registration(
     rows = []
     for entry in entries:
         loaded = transform({"image": entry["image"], "label": entry["label"]})
-        target = torch.as_tensor(loaded["image"]).float()[None].to(device) * 2 - 1
+        target = _plain(loaded["image"]).float()[None].to(device) * 2 - 1
         ddf = _base_to_target_flow(base, target, key_encoder, appearance, flow_net)
         pred = warp_labels(base_label, ddf)[0, 0].cpu()
-        gt = torch.as_tensor(loaded["label"])[0].long()
+        gt = _plain(loaded["label"])[0].long()
         result = per_label_metrics(pred, gt, data.labels)
         rows += rows_from_metrics(_name_of(entry), result)
     json_path = write_report(rows, output_dir, name)[1]

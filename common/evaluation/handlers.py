@@ -179,7 +179,7 @@ class SegmentationReportHandler:
             pred = _to_label_map(item[self.pred_key], self.spatial_dims)
             gt = _to_label_map(label_src, self.spatial_dims)
             spacing = self._spacing_for(label_src)
-            case = case_name(label_src, f"case{self._count:04d}")
+            case = case_name(label_src, f"case{self._rank_prefix()}{self._count:04d}")
             if case in self._cases:  # e.g. one ground truth scored against several predictions
                 case = f"{case}_{self._count:04d}"
             self._cases.add(case)
@@ -196,9 +196,18 @@ class SegmentationReportHandler:
                 self.deformation_rows.append({"case": case, **deformation_stats(item[self.ddf_key])})
             if self.image_key is not None and self._count < self.num_overlays and self.image_key in item:
                 path = self.output_dir / f"{self.name}_{case}.png"
+                image = item[self.image_key]
+                image = image[0] if image.ndim == self.spatial_dims + 1 else image  # first channel of [C, *spatial]
                 maps = {"prediction": pred.cpu(), "ground truth": gt.cpu()}
-                self.written.append(save_overlay_png(item[self.image_key], maps, path, spacing=spacing, title=case))
+                self.written.append(save_overlay_png(image, maps, path, spacing=spacing, title=case))
             self._count += 1
+
+    @staticmethod
+    def _rank_prefix() -> str:
+        """ "r<rank>_" in distributed runs, so that fallback case names stay unique after gathering."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return f"r{torch.distributed.get_rank()}_"
+        return ""
 
     @staticmethod
     def _gather(rows: list[dict]) -> list[dict]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import VoxelMorph
+from monai.networks.nets import VoxelMorph, VoxelMorphUNet
 from torch import nn
 
 from common.registration.fields import integrate_svf, resize_ddf
@@ -229,13 +229,30 @@ class CLMorphNet(nn.Module):
 class MonaiVoxelMorph(nn.Module):
     """The plain MONAI ``VoxelMorph`` (early concatenation U-Net, diffeomorphic) behind the same interface.
 
+    Widths default to MONAI's (and voxelmorph's) defaults; they are exposed to compare at equal network size.
+
     ``forward`` maps ``[B, 2, *spatial]`` to the ddf; ``forward_train`` returns only the ddf (no velocity
     distribution, no projections), so the loss uses its diffusion regulariser.
     """
 
-    def __init__(self, spatial_dims: int = 3, integration_steps: int = 7, half_res: bool = False) -> None:
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        integration_steps: int = 7,
+        half_res: bool = False,
+        channels: Sequence[int] = (16, 32, 32, 32, 32, 32),
+        unet_out_channels: int = 32,
+        final_conv_channels: Sequence[int] = (16, 16),
+    ) -> None:
         super().__init__()
-        self.net = VoxelMorph(integration_steps=integration_steps, half_res=half_res, spatial_dims=spatial_dims)
+        backbone = VoxelMorphUNet(
+            spatial_dims=spatial_dims,
+            in_channels=2,
+            unet_out_channels=unet_out_channels,
+            channels=channels,
+            final_conv_channels=final_conv_channels,
+        )
+        self.net = VoxelMorph(backbone, integration_steps=integration_steps, half_res=half_res, spatial_dims=spatial_dims)
 
     def forward(self, pair: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
         moving, fixed = split_pair(pair)

@@ -1,6 +1,6 @@
 """Differentiable coupled convex optimisation on feature maps (the optimiser ``h`` of cyclical self-training).
 
-Pipeline for one pair of feature maps ``F``, ``M`` ``[B, C, *grid]`` (Bigalke et al. 2023, after Siebert & Heinrich 2022):
+Pipeline for feature maps ``F``, ``M`` ``[B, C, *grid]`` (Bigalke et al. 2023, after Siebert & Heinrich 2022):
 
 1. SAD cost volume over ``(2r+1)^3`` integer displacements ``delta`` (feature voxels, channel order = axis order):
    ``C(p, delta) = Box3[ sum_c |F_c(p) - M_c(p + delta)| ]``, ``M`` zero-padded (:func:`sad_cost_volume`).
@@ -151,10 +151,7 @@ def soft_argmin(energy: torch.Tensor, table: torch.Tensor, beta: float) -> torch
 
 
 def coupled_convex(
-    cost: torch.Tensor,
-    radius: int = 2,
-    beta: float = 20.0,
-    alphas: Sequence[float] = (0.003, 0.03, 0.3),
+    cost: torch.Tensor, radius: int = 2, beta: float = 20.0, alphas: Sequence[float] = (0.003, 0.03, 0.3)
 ) -> torch.Tensor:
     """Coupled convex optimisation with soft-argmin: cost ``[B, K, *grid]`` -> field ``[B, D, *grid]`` (feature voxels).
 
@@ -216,9 +213,7 @@ def upsample_field(field: torch.Tensor, output_shape: Sequence[int]) -> torch.Te
     return field
 
 
-def feature_to_voxels(
-    field: torch.Tensor, output_shape: Sequence[int], legacy_norm_scale: bool = True
-) -> torch.Tensor:
+def feature_to_voxels(field: torch.Tensor, output_shape: Sequence[int], legacy_norm_scale: bool = True) -> torch.Tensor:
     """Feature-voxel field ``[B, D, *grid]`` -> voxel field ``[B, D, *output_shape]`` (scaled, then upsampled)."""
     scale = feature_voxel_scale(field.shape[2:], output_shape, legacy_norm_scale)
     scale_t = torch.tensor(scale, dtype=field.dtype, device=field.device).view(1, -1, *([1] * (field.ndim - 2)))

@@ -1,17 +1,17 @@
 """Registration network ``f = h o g`` of cyclical self-training and its test-time pipeline (Bigalke et al. 2023).
 
-* :class:`CSTRegistrationNet` (the bundle's ``network_def``): feature net ``g`` + convex optimiser ``h``.
-  ``forward(pair)`` with ``pair = [B, 2, *S]`` = (moving, fixed) returns the voxel displacement ``[B, 3, *S]``
-  (``warped(p) = moving(p + ddf(p))``) of the pseudo-label / test pipeline *without* Adam: intensity clamp, one or
-  two warps (the second on the nearest-neighbour warped, re-clamped moving image), each with optional forward-backward
-  inverse consistency. It is traceable (``ckpt_export --use_trace True``).
+* :class:`CSTRegistrationNet`: feature net ``g`` + convex optimiser ``h`` + the refinements of the pseudo-label /
+  test pipeline. ``forward(pair)`` with ``pair = [B, 2, *S]`` = (moving, fixed) returns the voxel displacement
+  ``[B, 3, *S]`` (``warped(p) = moving(p + ddf(p))``): intensity clamp, one or two warps (the second on the
+  nearest-neighbour warped, re-clamped moving image), each with optional forward-backward inverse consistency, then
+  optionally the Adam instance optimisation; every step is switchable (Table 1 of the paper). Without Adam the
+  forward is traceable (``torch.jit.trace``).
 * :meth:`CSTRegistrationNet.predict`: the differentiable learning stream (one warp, no ICE, no clamp).
-* :func:`register_pair`: the full pipeline including the Adam instance optimisation on ``5 * P(g[0:6](.))`` with a
-  random projection ``P`` per pair; every step switchable (Table 1 of the paper). :class:`CSTInferer` wraps it for
-  MONAI evaluators.
+* :func:`register_pair`: the same pipeline with the per-call options and the random-projection generator exposed, as
+  the pseudo-label refresh needs them.
 
-State-dict keys are ``feature_net.<i>.*``: ``g`` itself (:class:`~common.networks.cst_features.CSTFeatureNet`) keeps
-the reference layer order.
+State-dict keys are ``feature_net.<i>.*``; ``g`` itself (:class:`~common.networks.cst_features.CSTFeatureNet`, the
+bundle's ``network_def``) keeps the reference layer order.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from monai.inferers import Inferer
 from torch import nn
 
 from common.networks.cst_features import CSTFeatureNet, random_projection
@@ -28,7 +27,7 @@ from common.registration import fields
 from common.registration.convex import compose_fields, convex_register
 from common.registration.instance_opt import adam_refine
 
-__all__ = ["CSTRegistrationNet", "RegistrationResult", "register_pair", "CSTInferer", "standardize_channels"]
+__all__ = ["CSTRegistrationNet", "RegistrationResult", "register_pair", "standardize_channels"]
 
 
 def standardize_channels(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -71,6 +70,9 @@ class CSTRegistrationNet(nn.Module):
         legacy_norm_scale: reference scale of feature voxels (quirk Q1), see ``convex.feature_voxel_scale``.
         legacy_compose_order: reference (reversed) composition of the two warps (quirk Q2).
         second_warp_mode: interpolation of the moving image for the second warp ("nearest" as the reference).
+        use_adam, reg_fac, adam_iterations, adam_channels, adam_return_prestep: Adam refinement in ``forward``
+            (``reg_fac`` 1 for pseudo labels; the reference test script passes 10).
+        seed: seed of the random Adam projection in ``forward`` (deterministic inference).
         amp: autocast (fp16) on CUDA; ignored on CPU, which always runs fp32.
     """
 
@@ -89,6 +91,12 @@ class CSTRegistrationNet(nn.Module):
         legacy_norm_scale: bool = True,
         legacy_compose_order: bool = True,
         second_warp_mode: str = "nearest",
+        use_adam: bool = False,
+        reg_fac: float = 1.0,
+        adam_iterations: int = 50,
+        adam_channels: int = 32,
+        adam_return_prestep: bool = True,
+        seed: int = 0,
         amp: bool = True,
     ) -> None:
         super().__init__()
@@ -97,7 +105,7 @@ class CSTRegistrationNet(nn.Module):
         self.feature_net = feature_net if feature_net is not None else CSTFeatureNet()
         self.num_warps = int(num_warps)
         self.use_ice = bool(use_ice)
-        self.intensity_clamp = None if intensity_clamp is None else (float(intensity_clamp[0]), float(intensity_clamp[1]))
+        self.intensity_clamp = None if intensity_clamp is None else tuple(float(v) for v in intensity_clamp)
         self.standardize_features = bool(standardize_features)
         self.optimiser_kwargs = dict(
             radius=int(radius),
@@ -109,6 +117,14 @@ class CSTRegistrationNet(nn.Module):
         )
         self.legacy_compose_order = bool(legacy_compose_order)
         self.second_warp_mode = second_warp_mode
+        self.adam_kwargs = dict(
+            use_adam=bool(use_adam),
+            reg_fac=float(reg_fac),
+            adam_iterations=int(adam_iterations),
+            adam_channels=int(adam_channels),
+            adam_return_prestep=bool(adam_return_prestep),
+        )
+        self.seed = int(seed)
         self.amp = bool(amp)
 
     # -- building blocks ---------------------------------------------------------------------------------------------
@@ -165,12 +181,15 @@ class CSTRegistrationNet(nn.Module):
         ddf = ddfs[0] if num_warps == 1 else compose_fields(ddfs[0], ddfs[1], self.legacy_compose_order)
         if not with_adam_features:
             early_fixed = early_moving = None
-        return RegistrationResult(ddf=ddf, warp_ddfs=ddfs, pre_adam=ddf, adam_fixed=early_fixed, adam_moving=early_moving)
+        return RegistrationResult(ddf, ddfs, pre_adam=ddf, adam_fixed=early_fixed, adam_moving=early_moving)
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         if pair.shape[1] != 2:
             raise ValueError(f"expected a (moving, fixed) pair with 2 channels, got shape {tuple(pair.shape)}")
-        return self.register(pair[:, :1], pair[:, 1:]).ddf
+        if not self.adam_kwargs["use_adam"]:
+            return self.register(pair[:, :1], pair[:, 1:]).ddf
+        generator = torch.Generator().manual_seed(self.seed)
+        return register_pair(self, pair[:, :1], pair[:, 1:], generator=generator, **self.adam_kwargs).ddf
 
 
 def register_pair(
@@ -218,32 +237,3 @@ def register_pair(
     finally:
         network.train(was_training)
     return result
-
-
-class CSTInferer(Inferer):
-    """MONAI inferer: ``inputs`` ``[B, 2, *S]`` (moving, fixed) -> ddf with the configured test pipeline.
-
-    Matches Table 1's test configurations through ``num_warps`` (1/2) and ``use_adam``; ``reg_fac`` weights the Adam
-    regulariser (1 for pseudo labels; the reference test script passes 10). The projection seed is fixed, so
-    inference is deterministic.
-    """
-
-    def __init__(
-        self,
-        num_warps: int | None = None,
-        use_ice: bool | None = None,
-        use_adam: bool = True,
-        reg_fac: float = 1.0,
-        adam_iterations: int = 50,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.kwargs = dict(
-            num_warps=num_warps, use_ice=use_ice, use_adam=use_adam, reg_fac=reg_fac, adam_iterations=adam_iterations
-        )
-        self.seed = int(seed)
-
-    def __call__(self, inputs: torch.Tensor, network: CSTRegistrationNet, *args, **kwargs) -> torch.Tensor:
-        pair = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
-        generator = torch.Generator().manual_seed(self.seed)
-        return register_pair(network, pair[:, :1], pair[:, 1:], generator=generator, **self.kwargs).ddf

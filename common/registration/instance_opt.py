@@ -1,10 +1,11 @@
 """Adam instance optimisation of a dense displacement field on fixed feature maps (the pseudo-label refinement).
 
 For a pair of (non-learned) feature maps ``G_f``, ``G_m`` ``[B, C, *grid]`` on a grid coarser than the field (half
-resolution in the paper), the parameters ``theta`` (voxels of the feature grid) are initialised from the input field and updated
-with Adam to minimise, per pair,
+resolution in the paper), the parameters ``theta`` (voxels of the feature grid) are initialised from the input field
+and updated with Adam to minimise, per pair,
 
-    data_weight * mean_{p,c} (G_m(p + phi(p)) - G_f(p))^2 + reg_fac * lambda_reg * sum_axis mean (phi(p + e_axis) - phi(p))^2
+    data_weight * mean_{p,c} (G_m(p + phi(p)) - G_f(p))^2
+    + reg_fac * lambda_reg * sum_axis mean (phi(p + e_axis) - phi(p))^2
 
 with ``phi = Box3^3(theta)`` (a B-spline-like smoothing; Bigalke et al. 2023 / convexAdam defaults: lr 1, 50 iterations,
 weights 12 and 0.65). The result is upsampled to the field's grid and smoothed again with Box3^3.
@@ -61,7 +62,7 @@ def adam_refine(
     smoothing_passes: int = 3,
     return_prestep: bool = True,
 ) -> torch.Tensor:
-    """Refine the voxel field ``ddf`` ``[B, D, *shape]`` with Adam on features ``[B, C, *grid]`` (half-res in the paper).
+    """Refine the voxel field ``ddf`` ``[B, D, *shape]`` with Adam on features ``[B, C, *grid]`` (half resolution).
 
     Fields move between the two grids with ``convex.rescale_field`` (cell-centred, values scaled by the size ratio).
     ``return_prestep=True`` reproduces the reference, which returns the smoothed field of its last iteration computed

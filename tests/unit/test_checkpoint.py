@@ -249,3 +249,11 @@ def test_save_dict_validation(tmp_path):
     }
     with pytest.raises(TypeError, match=r"\['weights'\]"):
         ResumableCheckpointHandler(tmp_path, {"network": make_net(), "weights": torch.zeros(2)})
+
+
+def test_loss_value_reads_monai_decollated_output():
+    from common.engines.guards import is_finite, loss_value
+
+    nan = torch.tensor(float("nan"))
+    assert loss_value([{"loss": nan, "pred": 0}, {"loss": nan}]) is nan and not is_finite(nan)
+    assert loss_value({"loss": 2.0}) == 2.0 and loss_value(torch.tensor(1.0)) == 1.0 and loss_value([]) is None
