@@ -17,19 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from common.evaluation.metrics import deformation_stats, per_label_metrics
 from common.evaluation.report import write_report
-from common.io import atomic_write_text
+from common.io import atomic_json_dump, atomic_write_text
 from common.registration import fields
 
 __all__ = ["l2r_sdlogj", "pair_metrics", "prepare_pair_batch", "PairRegistrationEvaluator", "RegistrationReportHandler"]
@@ -90,9 +91,9 @@ def prepare_pair_batch(batchdata: Mapping, device=None, non_blocking: bool = Fal
 
 
 class PairRegistrationEvaluator(SupervisedEvaluator):
-    """Evaluator over pairs: ``ddf = inferer(pair, network)``; output items hold ``pred`` (the warped moving label,
-    when the batch has one), ``label`` (fixed label), ``ddf``, ``moving_label``, ``image`` (fixed image) and
-    ``seconds`` (time of the inferer call per pair)."""
+    """Evaluator over pairs: ``ddf = inferer(pair, network)``; output items hold ``ddf``, ``warped`` (moving image
+    on the fixed grid), ``pred`` (the warped moving label, when the batch has one), ``label`` (fixed label),
+    ``moving_label``, ``image`` / ``moving_image`` (inputs with their meta) and ``seconds`` (inferer time per pair)."""
 
     def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
@@ -108,6 +109,8 @@ class PairRegistrationEvaluator(SupervisedEvaluator):
             torch.cuda.synchronize(inputs.device)
         seconds = (time.perf_counter() - start) / inputs.shape[0]
         output = {Keys.IMAGE: batchdata["fixed_image"], Keys.LABEL: targets, "ddf": ddf}
+        output["moving_image"] = batchdata["moving_image"]
+        output["warped"] = fields.warp(inputs[:, :1].float(), ddf.float())
         output["seconds"] = torch.full((inputs.shape[0],), seconds)
         if "moving_label" in batchdata:
             moving_label = batchdata["moving_label"].to(ddf.device)
@@ -190,3 +193,58 @@ class RegistrationReportHandler:
             line = json.dumps({"num_pairs": len(self.pair_rows), **summary})
             atomic_write_text(self.history_file, previous + line + "\n")
         logger.info("%s: %s", self.name, ", ".join(f"{k} = {v:.4f}" for k, v in summary.items()))
+
+
+def _stem(meta: Mapping | None, default: str) -> str:
+    name = str((meta or {}).get("filename_or_obj", default))
+    return Path(name).name.split(".")[0]
+
+
+class NamePairOutputsd:
+    """Postprocessing: give the ``keys`` of an output item the fixed image's affine and the file name
+    ``<moving stem>_to_<fixed stem>``, so ``SaveImaged`` writes ``<moving>_to_<fixed>_<postfix>.nii.gz`` on the fixed
+    image's grid. Missing keys are skipped."""
+
+    def __init__(self, keys: Sequence[str], fixed_key: str = "image", moving_key: str = "moving_image") -> None:
+        self.keys, self.fixed_key, self.moving_key = list(keys), fixed_key, moving_key
+
+    def __call__(self, item: Mapping) -> dict:
+        out = dict(item)
+        fixed_meta = getattr(item[self.fixed_key], "meta", {})
+        moving_meta = getattr(item.get(self.moving_key), "meta", {})
+        name = f"{_stem(moving_meta, 'moving')}_to_{_stem(fixed_meta, 'fixed')}"
+        for key in self.keys:
+            if key in out and out[key] is not None:
+                meta = {"affine": fixed_meta.get("affine"), "filename_or_obj": name}
+                out[key] = MetaTensor(_plain(out[key]).detach().cpu(), meta=meta)
+        return out
+
+
+def evaluate_checkpoints(
+    evaluator: Engine, network: torch.nn.Module, paths: Sequence[str | Path], output_file: str | Path
+) -> list[dict]:
+    """Run ``evaluator`` once per weight file (state dicts of ``network``) and write the metric table.
+
+    Used for the Dice over self-training stages (the paper's Fig. 1): ``stage_00.pt`` is the random stage-0 network.
+    Writes ``output_file`` (JSON rows) and the same table as markdown next to it; returns the rows.
+    """
+    if not paths:
+        raise ValueError("evaluate_checkpoints: no weight files given")
+    rows = []
+    for path in paths:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        network.load_state_dict(state, strict=True)
+        evaluator.run()
+        metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
+        rows.append({"checkpoint": Path(path).stem, **metrics})
+        logger.info("%s: %s", Path(path).name, metrics)
+    output_file = Path(output_file)
+    atomic_json_dump(rows, output_file)
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append(
+            "| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
+        )
+    atomic_write_text(output_file.with_suffix(".md"), "\n".join(lines) + "\n")
+    return rows

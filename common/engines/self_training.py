@@ -115,7 +115,8 @@ class CyclicalSelfTrainer(SupervisedTrainer):
         target_factor: pseudo labels and the learning-stream field live on the image grid divided by this (2).
         refine_pseudo_labels: ICE, second warp and Adam in the pseudo-label stream (False: plain ``h``, the
             "w/o PL refinement" ablation, which also disables difficulty weighting).
-        pl_num_warps, pl_use_ice, pl_use_adam, pl_reg_fac, adam_iterations, adam_return_prestep: pseudo-label stream.
+        pl_num_warps, pl_use_ice, pl_use_adam, pl_reg_fac, adam_iterations, adam_channels, adam_return_prestep:
+            settings of the pseudo-label stream (paper: 2, True, True, 1, 50, 32, True).
         pl_seed: seed of the per-pair random Adam projections (pair ``k`` of stage ``s`` uses ``pl_seed + s*P + k``).
         stage0_seed: seed of ``g_A``.
         augment, aug_strengths, aug_label_transform: learning-stream augmentation ("ref" or "exact" target).
@@ -123,7 +124,7 @@ class CyclicalSelfTrainer(SupervisedTrainer):
         loss_crop, loss_weight: endpoint-error crop (target-grid voxels) and constant factor (8, 1.5).
         metric_reg_weight: weight of the diffusion regulariser of metric supervision.
         optimizer_reset_stages: reset the optimizer moments every this many stages (4; 0 = never).
-        stage_dir: where ``stage_XX.pt`` (network state after each stage; ``stage_00.pt`` = ``g_A``) and
+        stage_dir: where ``stage_XX.pt`` (state dict of ``g`` after each stage; ``stage_00.pt`` = ``g_A``) and
             ``stage_history.json`` (per-stage pseudo-label statistics) are written.
         labels: ``{id: name}``; when the pairs carry labels, the pseudo labels' Dice is logged per stage (monitoring
             only: labels never enter training).
@@ -152,6 +153,7 @@ class CyclicalSelfTrainer(SupervisedTrainer):
         pl_use_adam: bool = True,
         pl_reg_fac: float = 1.0,
         adam_iterations: int = 50,
+        adam_channels: int = 32,
         adam_return_prestep: bool = True,
         pl_seed: int = 0,
         stage0_seed: int = 12345,
@@ -183,6 +185,7 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             key_train_metric=key_train_metric,
             train_handlers=train_handlers,
             amp=amp,
+            decollate=False,
         )
         self.bank = bank
         self.pair_dataset = pair_dataset if pair_dataset is not None else train_data_loader.dataset
@@ -194,6 +197,7 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             use_adam=pl_use_adam if refine_pseudo_labels else False,
             reg_fac=float(pl_reg_fac),
             adam_iterations=int(adam_iterations),
+            adam_channels=int(adam_channels),
             adam_return_prestep=bool(adam_return_prestep),
         )
         self.pl_seed, self.stage0_seed = int(pl_seed), int(stage0_seed)
@@ -224,13 +228,14 @@ class CyclicalSelfTrainer(SupervisedTrainer):
 
     def _save_stage(self, engine: SupervisedTrainer) -> None:
         if self.stage_dir is not None:
-            atomic_torch_save(self.network.state_dict(), self.stage_dir / f"stage_{engine.state.epoch:02d}.pt")
+            state = self.network.feature_net.state_dict()
+            atomic_torch_save(state, self.stage_dir / f"stage_{engine.state.epoch:02d}.pt")
 
     def refresh_pseudo_labels(self, stage: int) -> None:
         """Compute the stage-``stage`` bank: ``g_A`` for stage 0, the current network otherwise (eval mode)."""
         network = random_init_copy(self.network, self.stage0_seed) if stage == 0 else self.network
         if stage == 0 and self.stage_dir is not None:
-            atomic_torch_save(network.state_dict(), self.stage_dir / "stage_00.pt")
+            atomic_torch_save(network.feature_net.state_dict(), self.stage_dir / "stage_00.pt")
         start = time.perf_counter()
         num_pairs = len(self.pair_dataset)
         magnitudes, dices = [], []
@@ -315,6 +320,6 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         engine.state.output[Keys.LOSS] = loss.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

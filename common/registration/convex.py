@@ -110,7 +110,7 @@ class _SADCost(torch.autograd.Function):
         shape = fixed.shape[2:]
         padded = F.pad(moving, [radius] * (2 * len(shape)))
         slices = _shifted_slices(shape, radius)
-        cost = fixed.new_empty(fixed.shape[0], len(slices), *shape)
+        cost = torch.empty(fixed.shape[0], len(slices), *shape, dtype=fixed.dtype, device=fixed.device)
         for k, window in enumerate(slices):
             cost[:, k] = (fixed - padded[(..., *window)]).abs_().sum(1)
         ctx.radius = radius

@@ -186,6 +186,7 @@ class CSTRegistrationNet(nn.Module):
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         if pair.shape[1] != 2:
             raise ValueError(f"expected a (moving, fixed) pair with 2 channels, got shape {tuple(pair.shape)}")
+        pair = pair.as_tensor() if hasattr(pair, "as_tensor") else pair
         if not self.adam_kwargs["use_adam"]:
             return self.register(pair[:, :1], pair[:, 1:]).ddf
         generator = torch.Generator().manual_seed(self.seed)

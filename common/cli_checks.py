@@ -1,0 +1,142 @@
+"""Type and range checks of config ids that users override on the command line, naming the id and the fix.
+
+Why: ``python -m monai.bundle run ... --epochs ten`` hands the string "ten" to ignite, and ``--amp false`` gives the
+truthy string "false" (fire parses only True/False as booleans); both fail, or silently misbehave, far from the
+cause. Bundles call `check_config` first in their ``initialize`` list::
+
+    "$common.cli_checks.check_config({'epochs': ('positive_int', @epochs), 'batch_size': ('positive_int', @batch_size)})"
+
+and `check_min_items` / `check_batch_fits` where a stage needs a minimum number of volumes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence, Sized
+from typing import Any
+
+__all__ = [
+    "ConfigOverrideError",
+    "RULES",
+    "check_batch_fits",
+    "check_config",
+    "check_min_items",
+]
+
+
+class ConfigOverrideError(ValueError):
+    """A config id (usually a CLI override) has the wrong type or value; the message names the id and the fix."""
+
+
+def _fail(name: str, value: Any, expected: str, example: str) -> ConfigOverrideError:
+    return ConfigOverrideError(
+        f"config id {name!r} must be {expected}, got {value!r} ({type(value).__name__}). "
+        f"Fix: e.g. --{name} {example} on the command line (or the same value in the config)"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise _fail(name, value, "an integer >= 1", "10")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 0:
+        raise _fail(name, value, "an integer >= 0", "0")
+
+
+def _optional_positive_int(name: str, value: Any) -> None:
+    if value is not None:
+        _positive_int(name, value)
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if not _is_real(value) or value <= 0:
+        raise _fail(name, value, "a finite number > 0", "0.001")
+
+
+def _non_negative_float(name: str, value: Any) -> None:
+    if not _is_real(value) or value < 0:
+        raise _fail(name, value, "a finite number >= 0", "0.0")
+
+
+def _probability(name: str, value: Any) -> None:
+    if not _is_real(value) or not 0.0 <= value <= 1.0:
+        raise _fail(name, value, "a probability in [0, 1]", "0.5")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        hint = " (the command line reads only True/False as booleans; 'false' is a non-empty, truthy string)"
+        raise _fail(name, value, "True or False" + (hint if isinstance(value, str) else ""), "False")
+
+
+def _positive_int_list(name: str, value: Any) -> None:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise _fail(name, value, "a non-empty list of integers >= 1", "[32,32,32]")
+    if not all(_is_int(v) and v >= 1 for v in value):
+        raise _fail(name, value, "a non-empty list of integers >= 1", "[32,32,32]")
+
+
+def _spatial_size_3d(name: str, value: Any) -> None:
+    _positive_int_list(name, value)
+    if len(value) != 3:
+        raise _fail(name, value, "a list of 3 integers >= 1", "[64,64,64]")
+
+
+RULES: dict[str, Callable[[str, Any], None]] = {
+    "positive_int": _positive_int,
+    "non_negative_int": _non_negative_int,
+    "optional_positive_int": _optional_positive_int,
+    "positive_float": _positive_float,
+    "non_negative_float": _non_negative_float,
+    "probability": _probability,
+    "bool": _boolean,
+    "positive_int_list": _positive_int_list,
+    "spatial_size_3d": _spatial_size_3d,
+}
+
+
+def check_config(spec: Mapping[str, tuple[str, Any] | Sequence[Any]]) -> bool:
+    """Check ``{id: (rule, value)}``; raise `ConfigOverrideError` naming the first id that fails. Returns True.
+
+    Rules: positive_int, non_negative_int, optional_positive_int (None or >= 1), positive_float,
+    non_negative_float, probability, bool, positive_int_list, spatial_size_3d.
+    """
+    for name, item in spec.items():
+        rule, value = item
+        if rule not in RULES:
+            raise ValueError(f"check_config: unknown rule {rule!r} for {name!r}; known: {sorted(RULES)}")
+        RULES[rule](name, value)
+    return True
+
+
+def check_min_items(items: Sized, name: str, minimum: int, purpose: str) -> Sized:
+    """Require ``len(items) >= minimum``; ``name`` is the datalist/section id, ``purpose`` says why. Returns items."""
+    if len(items) < minimum:
+        raise ConfigOverrideError(
+            f"{name} has {len(items)} item(s) but {purpose} needs at least {minimum}. "
+            f"Fix: add volumes to {name} (or point the id at a larger datalist section)"
+        )
+    return items
+
+
+def check_batch_fits(batch_size: int, batch_id: str, items: Sized, data_id: str, minimum: int = 1) -> int:
+    """Require ``minimum <= batch_size <= len(items)`` (e.g. a contrastive batch needs that many distinct volumes)."""
+    _positive_int(batch_id, batch_size)
+    if batch_size < minimum or batch_size > len(items):
+        raise ConfigOverrideError(
+            f"config id {batch_id!r} = {batch_size} but {data_id} has {len(items)} item(s)"
+            + (f" and at least {minimum} are needed per batch" if minimum > 1 else "")
+            + f". Fix: set --{batch_id} between {minimum} and {len(items)}, or add volumes to {data_id}"
+        )
+    return batch_size

@@ -1,0 +1,239 @@
+"""SST one-shot benchmark on ACDC (non-commercial research use only): Reg. vs U-Net w/o appearance vs full SST.
+
+One labelled atlas (the training image closest to the mean) plus the other training images without labels; Dice per
+structure (RV, MYO, LV) on held-out patients, in the preprocessed grid (voxel units: the ACDC copy has no spacing).
+Runs the bundle's stage configs in-process (``common.engines.sst.run_stages``) at a reduced CPU budget.
+
+    nice -n 10 env OMP_NUM_THREADS=1 python -m tests.benchmarks.bench_sst_acdc [--out bench_output/sst_acdc]
+
+Split of the 80 shared patients (the 20 hidden holdout patients are not available here): test = patient number
+% 5 == 1 (16 patients), validation (U-Net model selection, as in the paper) = the first 4 with % 5 == 2, training
+pool = the other 60; both annotated frames (ED, ES) of a patient stay in the same split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from common.engines.sst import dice_by_label, run_stages
+from common.io import atomic_json_dump, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundles" / "sst_brain_mri_one_shot_segmentation"
+DATA = REPO.parent / "shared" / "data" / "acdc"
+LABELS = {"0": "background", "1": "RV", "2": "MYO", "3": "LV"}
+
+# reduced CPU budget (2 shared cores): small grid, small networks, few iterations; see docs/README.md
+COMMON = {
+    "spatial_size": [64, 64, 8],
+    "resample": "resize",
+    "center_crop_scale": [0.6, 0.6, 1.0],
+    "num_classes": 4,
+    "style_dim": 32,
+    "moco_queue_size": 64,
+    "appearance_features": 8,
+    "style_encoder_channels": [8, 16, 32],
+    "style_encoder_strides": [[4, 4, 2], 2, [2, 2, 1]],
+    "flow_channels": [8, 16, 16, 16, 16, 8],
+    "flow_final_channels": [8],
+    "flow_kernel_size": 3,
+    "flow_aae_encoder_channels": [16, 32],
+    "flow_aae_decoder_channels": [32, 16, 16],
+    "flow_aae_latent_channels": 8,
+    "registration_ncc_window": 5,
+    "ssim_window": 5,
+    "sst_learning_rate": 5e-4,
+    "registration_epochs": 1,
+    "registration_batch_size": 4,
+    "registration_pairs_per_epoch": 160,
+    "style_epochs": 1,
+    "style_batch_size": 8,
+    "style_pairs_per_epoch": 240,
+    "joint_epochs": 1,
+    "joint_batch_size": 2,
+    "joint_pairs_per_epoch": 160,
+    "flow_aae_epochs": 1,
+    "flow_aae_batch_size": 4,
+    "flow_aae_samples_per_epoch": 600,
+    "num_generated_pairs": 300,
+    "flow_code_sampler": "latent-mix",
+    "label_mask_threshold": None,
+    "unet_epochs": 8,
+    "unet_batch_size": 4,
+    "unet_channels": [16, 32, 64, 128],
+    "unet_strides": [2, 2, 2],
+    "learning_rate": 1e-3,
+    "val_interval": 2,
+}
+SMOKE = {
+    "registration_pairs_per_epoch": 8,
+    "style_pairs_per_epoch": 16,
+    "joint_pairs_per_epoch": 4,
+    "flow_aae_samples_per_epoch": 8,
+    "num_generated_pairs": 8,
+    "unet_epochs": 2,
+    "val_interval": 1,
+}
+
+
+def write_datalist(out: Path) -> Path:
+    patients = sorted({p.name[:10] for p in DATA.glob("patient*_frame01.nii.gz")})
+
+    def entries(group):
+        return [
+            {"image": str(DATA / f"{p}_{f}.nii.gz"), "label": str(DATA / f"{p}_{f}_gt.nii.gz"), "subject": f"{p}_{f}"}
+            for p in group
+            for f in ("frame01", "frame02")
+        ]
+
+    number = {p: int(p[7:10]) for p in patients}
+    test = [p for p in patients if number[p] % 5 == 1]
+    validation = [p for p in patients if number[p] % 5 == 2][:4]
+    training = [p for p in patients if p not in test and p not in validation]
+    datalist = {
+        "name": "acdc_sst_benchmark",
+        "description": "ACDC (non-commercial research use only); identity affines, spacing unknown",
+        "labels": LABELS,
+        "modality": {"0": "MR"},
+        "tensorImageSize": "3D",
+        "training": entries(training),
+        "validation": entries(validation),
+        "test": entries(test),
+    }
+    return atomic_json_dump(datalist, out / "datalist.json")
+
+
+def stage(name: str, *configs: str, output: str) -> dict:
+    return {"name": name, "configs": [str(BUNDLE / "configs" / c) for c in configs], "output": output}
+
+
+def pipeline(root: Path, names: list[str]) -> list[dict]:
+    models, work, evald = root / "models", root / "work", root / "eval"
+    all_stages = {
+        "S0_registration": stage(
+            "S0_registration", "train.json", "stage0_registration.json", output=str(models / "sst_registration.pt")
+        ),
+        "S1_style": stage("S1_style", "train.json", "stage1_style.json", output=str(models / "sst_style.pt")),
+        "S2_joint": stage("S2_joint", "train.json", "stage2_joint.json", output=str(models / "sst_joint.pt")),
+        "S3_flows": stage("S3_flows", "train.json", "stage3_flows.json", output=str(work / "flows" / "index.json")),
+        "S4_flow_aae": stage(
+            "S4_flow_aae", "train.json", "stage4_flow_aae.json", output=str(models / "sst_flow_aae.pt")
+        ),
+        "S5_generate": stage(
+            "S5_generate", "train.json", "stage5_generate.json", output=str(work / "generated" / "datalist.json")
+        ),
+        "S6_unet": stage("S6_unet", "train.json", output=str(models / "model_final.pt")),
+        "evaluate": stage("evaluate", "train.json", "evaluate.json", output=str(evald / "segmentation.json")),
+        "evaluate_registration": stage(
+            "evaluate_registration",
+            "train.json",
+            "evaluate_registration.json",
+            output=str(evald / "registration_report.json"),
+        ),
+    }
+    return [all_stages[n] for n in names]
+
+
+def run_variant(root: Path, names: list[str], overrides: dict, timings: dict, memory: dict) -> None:
+    for item in pipeline(root, names):
+        report = run_stages([item], overrides, logging_file=str(BUNDLE / "configs" / "logging.conf"))
+        key = f"{root.name}/{item['name']}"
+        timings[key] = report[item["name"]]
+        memory[key] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        print(f"[bench] {key}: {timings[key]} peak RSS so far {memory[key]} MiB", flush=True)
+
+
+def markdown(rows: dict[str, dict], num_pairs: dict, timings: dict, memory: dict, wall: float) -> str:
+    lines = ["| method | RV | MYO | LV | mean Dice (per-case mean over structures) |", "|---|---|---|---|---|"]
+    for name, d in rows.items():
+        lines.append(f"| {name} | {d['RV']:.3f} | {d['MYO']:.3f} | {d['LV']:.3f} | {d['mean']:.3f} |")
+    lines += ["", "Generated pairs: " + ", ".join(f"{k}: {v}" for k, v in num_pairs.items()), ""]
+    lines += ["| stage | status | seconds | peak RSS after (MiB) |", "|---|---|---|---|"]
+    for key, t in timings.items():
+        lines.append(f"| {key} | {t['status']} | {t['seconds']} | {memory[key]} |")
+    lines += ["", f"Total wall time: {wall / 60:.1f} min (CPU only, OMP_NUM_THREADS=1, shared machine)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(REPO / "bench_output" / "sst_acdc"))
+    parser.add_argument("--smoke", action="store_true", help="a few iterations per stage (pipeline check only)")
+    args = parser.parse_args(argv)
+    budget = dict(COMMON)
+    if args.smoke:
+        budget.update(SMOKE)
+    if not DATA.is_dir():
+        print(f"ACDC data not found at {DATA}: benchmark skipped")
+        return 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    datalist = write_datalist(out)
+    start = time.perf_counter()
+    timings: dict = {}
+    memory: dict = {}
+    full, no_app = out / "full", out / "no_app"
+
+    def overrides(root: Path, **extra) -> dict:
+        return {
+            "bundle_root": str(BUNDLE),
+            "dataset_dir": str(out),
+            "datalist": str(datalist),
+            "ckpt_dir": str(root / "models"),
+            "work_dir": str(root / "work"),
+            "output_dir": str(root / "eval"),
+            **budget,
+            **extra,
+        }
+
+    everything = [
+        "S0_registration",
+        "S1_style",
+        "S2_joint",
+        "S3_flows",
+        "S4_flow_aae",
+        "S5_generate",
+        "S6_unet",
+        "evaluate",
+        "evaluate_registration",
+    ]
+    run_variant(full, everything, overrides(full), timings, memory)
+    # ablation: no appearance model; S0/S1 are shared with the full run (same data, same seeds)
+    ablation = overrides(
+        no_app,
+        use_appearance=False,
+        registration_weights=str(full / "models" / "sst_registration.pt"),
+        style_weights=str(full / "models" / "sst_style.pt"),
+    )
+    run_variant(no_app, everything[2:], ablation, timings, memory)
+    wall = time.perf_counter() - start
+
+    def load(path: Path) -> dict:
+        return dice_by_label(json.loads(path.read_text()))
+
+    rows = {
+        "Reg. (atlas registration, SST flow model)": load(full / "eval" / "registration_report.json"),
+        "Reg. w/o appearance model": load(no_app / "eval" / "registration_report.json"),
+        "U-Net on pairs w/o appearance model": load(no_app / "eval" / "segmentation.json"),
+        "Full SST (U-Net on generated pairs)": load(full / "eval" / "segmentation.json"),
+    }
+    num_pairs = {
+        v.name: len(json.loads((v / "work" / "generated" / "datalist.json").read_text())["training"])
+        for v in (full, no_app)
+    }
+    text = markdown(rows, num_pairs, timings, memory, wall)
+    atomic_write_text(out / "results.md", text)
+    atomic_json_dump(
+        {"dice": rows, "num_pairs": num_pairs, "timings": timings, "peak_rss_mib": memory}, out / "results.json"
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

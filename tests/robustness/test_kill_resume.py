@@ -1,0 +1,254 @@
+"""A training run killed with SIGKILL resumes from its last complete checkpoint (CLI subprocesses, CPU, tiny data).
+
+Each test runs ``python -m monai.bundle run training ...`` three times on one synthetic dataset:
+
+1. uninterrupted reference run (started in parallel with 2, same seed);
+2. the same command, SIGKILLed as soon as the checkpoint file has been replaced ``KILL_AFTER`` times (the kill is
+   therefore mid-epoch or right after an epoch, never after the end); the file on disk is the last complete checkpoint,
+   because `common.io.atomic_torch_save` writes a temporary file and renames it;
+3. a kill *during* a checkpoint write is simulated by leaving a partial temporary file ``.<name>.<random>.tmp`` (what
+   an interrupted `atomic_torch_save` leaves) beside the checkpoint; then the same command resumes.
+
+Checks: the resumed run logs ``resumed from <checkpoint>`` at exactly the iteration stored in the file, finishes the
+planned number of iterations, and ends with the same weights (and optimizer state) as the reference run where the
+bundle's randomness is fully checkpointed; otherwise the test says why and checks step counters and losses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from common.data.synthetic import generate_dataset
+from tests.bundles.harness import REPO_ROOT, cli_command, substitute
+from tests.robustness.support import bundle_case
+
+TIMEOUT = 420
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _overrides(case, data: Path, run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    paths = {
+        "bundle_root": str(case.bundle_root),
+        "data_dir": str(data),
+        "datalist": str(data / "datalist.json"),
+        "ckpt_dir": str(run_dir / "models"),
+        "output_dir": str(run_dir / "out"),
+        "tmp": str(run_dir),
+    }
+    merged = {
+        "bundle_root": paths["bundle_root"],
+        "dataset_dir": paths["data_dir"],
+        "datalist": paths["datalist"],
+        "ckpt_dir": paths["ckpt_dir"],
+        "output_dir": paths["output_dir"],
+    }
+    for more in (case.overrides, case.train_overrides, extra):
+        merged.update(substitute(dict(more), paths))
+    return merged
+
+
+def _start(case, configs: list[str], overrides: dict[str, Any], log: Path) -> subprocess.Popen:
+    handle = open(log, "w")  # noqa: SIM115 - closed by _finish
+    proc = subprocess.Popen(
+        cli_command(configs, overrides),
+        cwd=case.bundle_root,
+        env=_env(),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+    proc.log_handle = handle  # type: ignore[attr-defined]
+    return proc
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> str:
+    try:
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.log_handle.close()  # type: ignore[attr-defined]
+    text = log.read_text()
+    assert proc.returncode == 0, f"run failed (exit {proc.returncode}):\n{text[-4000:]}"
+    return text
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _kill_after_writes(proc: subprocess.Popen, path: Path, writes: int) -> None:
+    """SIGKILL ``proc`` right after ``path`` has been (atomically) replaced ``writes`` times."""
+    seen, last, deadline = 0, _signature(path), time.monotonic() + TIMEOUT
+    while seen < writes:
+        if proc.poll() is not None:
+            proc.log_handle.close()  # type: ignore[attr-defined]
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {writes} checkpoint writes of {path}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {writes} checkpoint writes of {path} within {TIMEOUT} s")
+        current = _signature(path)
+        if current is not None and current != last:
+            seen, last = seen + 1, current
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.log_handle.close()  # type: ignore[attr-defined]
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _plant_partial_tmp(checkpoint: Path) -> Path:
+    """What a kill inside `atomic_torch_save` leaves: a truncated temporary file next to the intact checkpoint."""
+    partial = checkpoint.with_name(f".{checkpoint.name}.k1ll3d.tmp")
+    partial.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 3])
+    return partial
+
+
+def _assert_states_equal(a: Any, b: Any, where: str) -> None:
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for key in a:
+            _assert_states_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_states_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _kill_and_resume(case, configs, data, tmp, extra, checkpoint_rel, kill_after):
+    """Run reference, killed and resumed runs; return (reference ckpt, resumed ckpt, k, resume log, ref log)."""
+    ref_dir, run_dir = tmp / "reference", tmp / "interrupted"
+    ref_over = _overrides(case, data, ref_dir, extra)
+    run_over = _overrides(case, data, run_dir, extra)
+    ref_ckpt, run_ckpt = ref_dir / checkpoint_rel, run_dir / checkpoint_rel
+    reference = _start(case, configs, ref_over, tmp / "reference.log")
+    killed = _start(case, configs, run_over, tmp / "killed.log")
+    _kill_after_writes(killed, run_ckpt, kill_after)
+    stored = _load(run_ckpt)["engine"]
+    partial = _plant_partial_tmp(run_ckpt)
+    resumed = _start(case, configs, run_over, tmp / "resumed.log")
+    resume_log = _finish(resumed, tmp / "resumed.log")
+    ref_log = _finish(reference, tmp / "reference.log")
+    assert partial.is_file(), "the partial temporary file was removed or loaded"
+    return _load(ref_ckpt), _load(run_ckpt), stored, resume_log, ref_log
+
+
+def _assert_resumed_at(log: str, checkpoint: Path, stored: dict) -> None:
+    match = re.search(rf"resumed from {re.escape(str(checkpoint))}: epoch (\d+), iteration (\d+)", log)
+    assert match, f"the resumed run did not log a resume from {checkpoint}:\n{log[-3000:]}"
+    # the handler logs completed epochs; a mid-epoch checkpoint stores ignite's running epoch
+    completed = stored["iteration"] // stored["epoch_length"]
+    assert (int(match.group(1)), int(match.group(2))) == (completed, stored["iteration"])
+
+
+@pytest.fixture(scope="module")
+def brain_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("brain") / "data"
+    generate_dataset(data, preset="brain", num_subjects=6, shape=(32, 32, 32), seed=0)
+    return data
+
+
+def test_clmorph_kill_mid_epoch_resumes_exactly(brain_data, tmp_path):
+    """2 epochs x 4 iterations, a checkpoint every iteration, killed after the 2nd write (iteration 2 of epoch 1).
+
+    CLMorph's randomness (pair sampler, flips/rotations/crops, network sampling) flows through the global generators
+    and the MONAI transforms of the checkpointed dataloader, so the resumed run must end bit-identical on CPU.
+    """
+    case = bundle_case("clmorph_brain_mri_registration")
+    if case is None:
+        pytest.skip("clmorph bundle not present")
+    extra = {"epochs": 2, "batch_size": 1, "pairs_per_epoch": 4, "checkpoint_interval": 1, "val_interval": 100}
+    ref, resumed, stored, log, _ = _kill_and_resume(
+        case, case.train_stages[0], brain_data, tmp_path, extra, "models/checkpoint.pt", kill_after=2
+    )
+    assert 0 < stored["iteration"] < 8, f"the kill did not interrupt training: {stored}"
+    _assert_resumed_at(log, tmp_path / "interrupted" / "models" / "checkpoint.pt", stored)
+    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 8
+    assert ref["engine"]["epoch"] == resumed["engine"]["epoch"] == 2
+    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
+    _assert_states_equal(
+        _load(tmp_path / "reference" / "models" / "model.pt"),
+        _load(tmp_path / "interrupted" / "models" / "model.pt"),
+        "model.pt",
+    )
+
+
+def test_sst_registration_stage_kill_between_epochs_resumes(brain_data, tmp_path):
+    """SST stage 0 (registration pre-training), 4 epochs x 1 iteration, killed after the 2nd epoch's checkpoint.
+
+    Exact equality with the reference is impossible today: `common.engines.sst.RandomPairDataset` draws pairs and
+    jitter from its own ``numpy.random.default_rng(seed)``, which the checkpoint does not hold, so the resumed run
+    restarts that stream and trains on different pairs. The test checks what must hold anyway: the resume starts at
+    the stored iteration, the run completes the planned iterations, and the weights and optimizer state at the kill
+    are those of the reference run at the same iteration (the runs are identical up to the kill).
+    """
+    case = bundle_case("sst_brain_mri_one_shot_segmentation")
+    if case is None:
+        pytest.skip("sst bundle not present")
+    extra = {"registration_epochs": 4, "registration_batch_size": 1, "registration_pairs_per_epoch": 1}
+    configs = case.train_stages[0]
+    rel = "work/checkpoints/stage0_registration.pt"
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
+    # the reference keeps a copy of its checkpoint at each epoch so the state at the kill can be compared
+    reference = _start(case, configs, _overrides(case, brain_data, ref_dir, extra), tmp_path / "reference.log")
+    snapshots = _watch_snapshots(reference, ref_dir / rel)
+    killed = _start(case, configs, _overrides(case, brain_data, run_dir, extra), tmp_path / "killed.log")
+    _kill_after_writes(killed, run_dir / rel, 2)
+    stored_ckpt = _load(run_dir / rel)
+    stored = stored_ckpt["engine"]
+    assert 0 < stored["iteration"] < 4, f"the kill did not interrupt training: {stored}"
+    _plant_partial_tmp(run_dir / rel)
+    resumed = _start(case, configs, _overrides(case, brain_data, run_dir, extra), tmp_path / "resumed.log")
+    log = _finish(resumed, tmp_path / "resumed.log")
+    _assert_resumed_at(log, run_dir / rel, stored)
+    final = _load(run_dir / rel)
+    assert final["engine"]["iteration"] == 4 and final["engine"]["epoch"] == 4
+    snapshot = snapshots[stored["iteration"]]
+    _assert_states_equal(snapshot["objects"], stored_ckpt["objects"], f"state at iteration {stored['iteration']}")
+
+
+def _watch_snapshots(proc: subprocess.Popen, path: Path) -> dict[int, dict]:
+    """Wait for ``proc`` and keep a copy of each checkpoint version it writes, keyed by stored iteration."""
+    snapshots: dict[int, dict] = {}
+    last, deadline = None, time.monotonic() + TIMEOUT
+    while True:
+        current = _signature(path)
+        if current is not None and current != last:
+            last = current
+            state = _load(path)
+            snapshots[state["engine"]["iteration"]] = state
+        if proc.poll() is not None:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"reference run exceeded {TIMEOUT} s")
+        time.sleep(0.01)
+    proc.log_handle.close()  # type: ignore[attr-defined]
+    assert proc.returncode == 0, f"reference run failed (exit {proc.returncode})"
+    return snapshots
