@@ -131,8 +131,16 @@ def check_min_items(items: Sized, name: str, minimum: int, purpose: str) -> Size
 
 
 def check_batch_fits(batch_size: int, batch_id: str, items: Sized, data_id: str, minimum: int = 1) -> int:
-    """Require ``minimum <= batch_size <= len(items)`` (e.g. a contrastive batch needs that many distinct volumes)."""
+    """Require ``minimum <= batch_size <= len(items)`` (e.g. a contrastive batch needs that many distinct volumes).
+
+    ``data_id`` names the data (e.g. ``"<datalist> section 'training'"``). Returns ``batch_size``.
+    """
     _positive_int(batch_id, batch_size)
+    if len(items) < minimum:
+        raise ConfigOverrideError(
+            f"{data_id} has {len(items)} item(s) but a batch ({batch_id!r}) needs at least {minimum} distinct ones. "
+            f"Fix: add volumes to {data_id}"
+        )
     if batch_size < minimum or batch_size > len(items):
         raise ConfigOverrideError(
             f"config id {batch_id!r} = {batch_size} but {data_id} has {len(items)} item(s)"

@@ -12,18 +12,21 @@ The file name comes from the MetaTensor meta ``filename_or_obj`` (or ``<key>_met
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from common.data.validate import DataValidationError
+from common.data.validate import NIFTI_SUFFIXES, DataValidationError, load_nifti
 
-__all__ = ["ValidateImaged", "ValidateLabeld", "ValidateGeometryd", "source_name"]
+__all__ = ["ValidateFilesd", "ValidateImaged", "ValidateLabeld", "ValidateGeometryd", "source_name"]
 
 
 def source_name(data: Mapping[Hashable, Any], key: Hashable) -> str:
@@ -141,6 +144,49 @@ class ValidateImaged(MapTransform):
                         f"is constant (every voxel is {lo})",
                         "the export failed or the file is blank; replace it with the real volume",
                     )
+        return d
+
+
+class ValidateFilesd(MapTransform):
+    """Before ``LoadImaged``: the paths under ``keys`` exist, are readable NIfTI files with a parseable header.
+
+    Why: LoadImaged reports a missing or foreign file as a reader error without a fix. ``read_data=True`` also
+    decompresses the data block (catches truncated downloads; costs a second read of the file).
+    """
+
+    def __init__(self, keys: KeysCollection, read_data: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.read_data = read_data
+
+    def _check(self, path: Path) -> None:
+        if self.read_data:
+            load_nifti(path)
+            return
+        if not path.is_file():
+            problem = "does not exist" if not path.exists() else "is not a regular file"
+            raise DataValidationError(
+                f"{path}: {problem}. Fix: check the path (datalist paths are relative to the datalist's folder)"
+            )
+        if not os.access(path, os.R_OK):
+            raise DataValidationError(f"{path}: file is not readable (permission denied). Fix: fix the permissions")
+        if not path.name.lower().endswith(NIFTI_SUFFIXES):
+            raise DataValidationError(
+                f"{path}: is not a NIfTI file name (expected .nii or .nii.gz). Fix: convert the volume to NIfTI"
+            )
+        try:
+            nib.load(str(path))
+        except Exception as err:  # nibabel raises several unrelated types for bad headers
+            raise DataValidationError(
+                f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err}). Fix: re-export or re-download it"
+            ) from err
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, (str, os.PathLike)):
+                    self._check(Path(item))
         return d
 
 

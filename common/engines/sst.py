@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from common.data.atlas import select_atlas_closest_to_mean
 from common.data.datalist import load_datalist, read_datalist_json
+from common.data.validate import validate_image_label
 from common.evaluation.metrics import per_label_metrics
 from common.evaluation.report import rows_from_metrics, write_report
 from common.io import atomic_json_dump, atomic_torch_save, atomic_write_bytes, save_nifti
@@ -73,6 +74,7 @@ __all__ = [
     "generate_pairs",
     "save_generation_grid",
     "run_stages",
+    "dice_by_label",
 ]
 
 
@@ -126,7 +128,7 @@ def prepare_sst_data(
     similar image to the anatomical average"), an int is an index into the section, a str a subject name. Only the
     atlas's label is read; the other images are used without labels. Validation and test sections are never touched.
     """
-    entries = load_datalist(datalist, section, require_label=False)
+    entries = load_datalist(datalist, section, require_label=False, validate=False)  # the transform reads each file
     if max_images is not None:
         entries = entries[: int(max_images)]
     names = [_name_of(e) for e in entries]
@@ -141,9 +143,11 @@ def prepare_sst_data(
         index = int(atlas)
     if "label" not in entries[index]:
         raise ValueError(f"the atlas {names[index]} ({entries[index]['image']}) has no label in {datalist}")
+    raw = read_datalist_json(datalist)
+    allowed = [int(k) for k in raw.get("labels", {})] or None
+    validate_image_label(entries[index]["image"], entries[index]["label"], allowed_labels=allowed)
     loaded = transform({"image": entries[index]["image"], "label": entries[index]["label"]})
-    raw_labels = read_datalist_json(datalist).get("labels", {})
-    labels = {int(k): str(v) for k, v in raw_labels.items() if int(k) != 0}
+    labels = {int(k): str(v) for k, v in raw.get("labels", {}).items() if int(k) != 0}
     pool = [(img, n) for i, (img, n) in enumerate(zip(images, names, strict=True)) if i != index]
     if not pool:
         raise ValueError(f"{datalist}: section '{section}' needs at least one unlabelled image besides the atlas")
@@ -706,10 +710,11 @@ def sample_flow_codes(
     rng: np.random.Generator | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    offset: int = 0,
 ) -> torch.Tensor:
     """Flow codes [num, *latent_shape]: ``"prior"`` n ~ N(0, I) (paper Eq. 12), or ``"latent-mix"`` (authors' code):
-    z = (Enc(phi1) + a Enc(phi2) + b Enc(phi3)) / (1 + a + b), phi1 cycling over the stored flows, phi2, phi3 random,
-    a, b ~ U(0, mix). ``flows`` must already be at the AAE field size.
+    z = (Enc(phi1) + a Enc(phi2) + b Enc(phi3)) / (1 + a + b), phi1 = flows[(offset + i) % n] cycling over the stored
+    flows, phi2, phi3 random, a, b ~ U(0, mix). ``flows`` must already be at the AAE field size.
     """
     if sampler == "prior":
         return sample_normal_prior(num, tuple(latent_shape), device=device, generator=generator)
@@ -724,7 +729,7 @@ def sample_flow_codes(
     for i in range(num):
         j, k = (int(v) for v in rng.integers(0, n, size=2))
         a, b = (float(v) for v in rng.uniform(0.0, mix, size=2))
-        z = flow_aae.encode(torch.stack([flows[i % n], flows[j], flows[k]]).to(device))
+        z = flow_aae.encode(torch.stack([flows[(offset + i) % n], flows[j], flows[k]]).to(device))
         codes.append((z[0] + a * z[1] + b * z[2]) / (1.0 + a + b))
     return torch.stack(codes)
 
@@ -814,7 +819,7 @@ def generate_pairs(
 
     entries = []
     for i in range(int(num_pairs)):
-        z = sample_flow_codes(flow_aae, 1, latent_shape, flow_code_sampler, flows, mix, rng, generator, device)
+        z = sample_flow_codes(flow_aae, 1, latent_shape, flow_code_sampler, flows, mix, rng, generator, device, i)
         style = sample_normal_prior(1, style_dim, normalize=True, generator=generator)
         ddf = decode(z)
         image = (warp(restyle(style), ddf) * 0.5 + 0.5).clamp(0.0, 1.0)
@@ -913,5 +918,3 @@ def dice_by_label(summary: Mapping) -> dict[str, float]:
     out["mean"] = float(over["mean"]) if over else float(np.mean(list(out.values())))
     return out
 
-
-__all__ += ["dice_by_label"]

@@ -63,8 +63,8 @@ class CSTRegistrationNet(nn.Module):
         use_ice: forward-backward inverse consistency in that pipeline.
         intensity_clamp: ``(low, high)`` clamp of both inputs in that pipeline (``(-0.4, 0.6)`` for CT as HU/500);
             ``None`` for images already in a bounded range (MR).
-        standardize_features: per-channel standardisation of ``g``'s output before the cost volume (off in the
-            reference; useful for MR, see :func:`standardize_channels`).
+        standardize_features: per-channel standardisation of ``g``'s output before the cost volume and of the
+            projected Adam features (off in the reference; needed for MR, see :func:`standardize_channels`).
         radius, beta, alphas, feature_scale, ice_iterations: optimiser settings (paper: 2, 20, (0.003, 0.03, 0.3),
             5, 15).
         legacy_norm_scale: reference scale of feature voxels (quirk Q1), see ``convex.feature_voxel_scale``.
@@ -210,7 +210,8 @@ def register_pair(
     """Full pseudo-label / test pipeline (§4.7): ``g`` in eval mode, no gradients to ``g``; optional Adam refinement.
 
     The Adam features are ``adam_feature_scale * P(g[0:6](image))`` of the clamped fixed and the *original* moving
-    image, with one random projection ``P`` (``adam_channels`` outputs) per pair drawn from ``generator``.
+    image, with one random projection ``P`` (``adam_channels`` outputs) per pair drawn from ``generator``; with
+    ``network.standardize_features`` the projected features are standardised per channel too (a deviation).
     Returns the final field in ``ddf`` and the field before Adam in ``pre_adam``.
     """
     was_training = network.training
@@ -222,12 +223,14 @@ def register_pair(
             refined = []
             for b in range(fixed.shape[0]):
                 weight = random_projection(result.adam_fixed[b : b + 1], adam_channels, generator)
-                proj_f = adam_feature_scale * torch.nn.functional.conv3d(result.adam_fixed[b : b + 1].float(), weight)
-                proj_m = adam_feature_scale * torch.nn.functional.conv3d(result.adam_moving[b : b + 1].float(), weight)
+                proj_f = torch.nn.functional.conv3d(result.adam_fixed[b : b + 1].float(), weight)
+                proj_m = torch.nn.functional.conv3d(result.adam_moving[b : b + 1].float(), weight)
+                if network.standardize_features:
+                    proj_f, proj_m = standardize_channels(proj_f), standardize_channels(proj_m)
                 refined.append(
                     adam_refine(
-                        proj_f,
-                        proj_m,
+                        adam_feature_scale * proj_f,
+                        adam_feature_scale * proj_m,
                         result.ddf[b : b + 1],
                         reg_fac=reg_fac,
                         iterations=adam_iterations,

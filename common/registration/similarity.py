@@ -4,8 +4,9 @@ Why per item: a batch of independent pairs is optimised together, and Adam's per
 independent only when the total loss is a plain sum of per-pair losses. Every term accepts an optional fixed-image
 ``mask`` (weights ``[B or 1, 1, *spatial]`` in ``[0, 1]``) so the registration can focus on an organ.
 
-LNCC and mutual information are MONAI's (``LocalNormalizedCrossCorrelationLoss``, ``GlobalMutualInformationLoss``);
-the mask is applied to LNCC's voxel map, and to the Parzen-window joint histogram of MI (as sample weights).
+LNCC is MONAI's ``LocalNormalizedCrossCorrelationLoss`` formula (rectangular kernel) with faster window sums, masked on
+its voxel map; mutual information is MONAI's ``GlobalMutualInformationLoss``, the mask weighting the samples of its
+Parzen-window joint histogram.
 MIND (Heinrich et al., MedIA 2012) is a modality-independent descriptor compared with a masked squared error.
 """
 
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import GlobalMutualInformationLoss
 
-__all__ = ["SIMILARITIES", "lncc_loss", "ncc_loss", "mse_loss", "mi_loss", "mind_descriptor", "masked_mean"]
+__all__ = ["SIMILARITIES", "box_sum", "lncc_loss", "ncc_loss", "mse_loss", "mi_loss", "mind_descriptor", "masked_mean"]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,19 +27,46 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return (values * weights).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp_min(1e-8)
 
 
+def box_sum(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Sum over a centred ``kernel_size``-wide cube around each voxel of ``[B, C, *spatial]``, zeros outside.
+
+    Cumulative sums along each axis: linear in the number of voxels for any kernel size, forward and backward, and
+    several times faster on CPU than MONAI's separable ``conv3d`` filtering, which dominated the run time.
+    """
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    radius = kernel_size // 2
+    for axis in range(2, x.ndim):
+        pad = [0] * (2 * (x.ndim - 2))
+        side = 2 * (x.ndim - 1 - axis)  # F.pad lists the last axis first
+        pad[side], pad[side + 1] = radius + 1, radius
+        total = F.pad(x, pad).cumsum(axis)
+        x = total.narrow(axis, kernel_size, x.shape[axis]) - total.narrow(axis, 0, x.shape[axis])
+    return x
+
+
 def lncc_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor | None = None,
     kernel_size: int = 7,
-    kernel_type: str = "rectangular",
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-5,
 ) -> torch.Tensor:
-    """Negative squared local normalised cross-correlation (MONAI), ``[B]``; same-modality data."""
-    spatial_dims = pred.ndim - 2
-    loss = LocalNormalizedCrossCorrelationLoss(
-        spatial_dims=spatial_dims, kernel_size=kernel_size, kernel_type=kernel_type, reduction="none"
-    )
-    return masked_mean(loss(pred, target), mask)
+    """Negative squared local normalised cross-correlation ``[B]`` over ``kernel_size`` cubes; same-modality data.
+
+    Same formula, defaults and zero padding as MONAI's ``LocalNormalizedCrossCorrelationLoss`` with the rectangular
+    kernel (a unit test checks they agree); only the window sums are computed with :func:`box_sum`.
+    """
+    channels = pred.shape[1]
+    sums = box_sum(torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1), kernel_size)
+    t_sum, p_sum, t2_sum, p2_sum, tp_sum = sums.split(channels, dim=1)
+    volume = float(kernel_size ** (pred.ndim - 2))
+    t_avg, p_avg = t_sum / volume, p_sum / volume
+    cross = tp_sum - p_avg * t_sum
+    t_var = (t2_sum - t_avg * t_sum).clamp_min(smooth_dr)
+    p_var = (p2_sum - p_avg * p_sum).clamp_min(smooth_dr)
+    return -masked_mean((cross * cross + smooth_nr) / (t_var * p_var), mask)
 
 
 def ncc_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -60,7 +60,13 @@ def patients(ids: list[int]) -> list[dict]:
     for i in ids:
         image = ACDC / f"patient{i:03d}_frame01.nii.gz"
         if image.is_file():
-            out.append({"image": str(image), "label": str(ACDC / f"patient{i:03d}_frame01_gt.nii.gz"), "subject": f"patient{i:03d}"})
+            out.append(
+                {
+                    "image": str(image),
+                    "label": str(ACDC / f"patient{i:03d}_frame01_gt.nii.gz"),
+                    "subject": f"patient{i:03d}",
+                }
+            )
     return out
 
 
@@ -227,7 +233,10 @@ def summary_table(rows: list[dict], args, timings: dict[str, float], n_pre: int,
         f"{args.image_size}^2 slices, channels {args.channels}, {args.pretrain_iterations} pre-training iterations "
         f"per stage (batch 40), {args.finetune_iterations} fine-tuning iterations (batch {args.finetune_batch}).",
         "",
-        "| init | " + " | ".join(f"|X_tr|={s} (ours)" for s in sizes) + " | " + " | ".join(f"paper {s}" for s in sizes)
+        "| init | "
+        + " | ".join(f"|X_tr|={s} (ours)" for s in sizes)
+        + " | "
+        + " | ".join(f"paper {s}" for s in sizes)
         + " | fine-tune s/run | pre-train s |",
         "|---|" + "---|" * (2 * len(sizes) + 2),
     ]

@@ -1,4 +1,4 @@
-"""SST bundle through the shared harness: every stage (S0-S6 + registration evaluation) on a tiny synthetic brain set."""
+"""SST bundle through the shared harness: every stage (S0-S6, "Reg." evaluation) on a tiny synthetic brain set."""
 
 from __future__ import annotations
 
@@ -63,7 +63,14 @@ CASE = BundleCase(
     infer_overrides=UNET_META,
     cli_stage=len(STAGES),
     cli_overrides={**SHORT, "generated_datalist": "{datalist}"},
-    checkpoint_files=["model.pt", "model_final.pt", "sst_registration.pt", "sst_style.pt", "sst_joint.pt", "sst_flow_aae.pt"],
+    checkpoint_files=[
+        "model.pt",
+        "model_final.pt",
+        "sst_registration.pt",
+        "sst_style.pt",
+        "sst_joint.pt",
+        "sst_flow_aae.pt",
+    ],
     evaluate_outputs=["segmentation.csv", "segmentation.json", "*_dice_boxplot.png"],
     prediction_glob="*_seg.nii.gz",
 )
@@ -99,3 +106,34 @@ class TestSSTBundle(make_bundle_tests(CASE)):
         summary = json.loads((out / "registration_report.json").read_text())["summary"]
         assert summary["num_cases"] == 1 and "dice" in summary["mean_over_groups"]
         assert (out / "segmentation.json").is_file()
+
+    def test_cross_site_appearance_option(self, trained):
+        """S5 with another site's appearance model: here one whose output is the constant 0.2 (stored 0.6)."""
+        import math
+
+        import numpy as np
+        import torch
+
+        from common.data.validate import load_nifti
+        from tests.bundles.harness import run_workflow
+
+        state = torch.load(trained["ckpt_dir"] / "sst_joint.pt", map_location="cpu", weights_only=True)
+        head = [k for k in state["appearance"] if k.startswith("head.0.")]
+        for key in head:
+            state["appearance"][key] = torch.zeros_like(state["appearance"][key])
+        state["appearance"]["head.0.bias"] += math.atanh(0.2)
+        other_site = trained["tmp"] / "other_site_joint.pt"
+        torch.save(state, other_site)
+        generated = trained["tmp"] / "cross_site"
+        overrides = self._overrides(
+            trained,
+            "cross_site",
+            SHORT,
+            {"cross_site_appearance_weights": str(other_site), "generated_dir": str(generated)},
+        )
+        assert not run_workflow(
+            CASE.bundle_root, ["configs/train.json", "configs/stage5_generate.json"], "train", overrides
+        )
+        entry = json.loads((generated / "datalist.json").read_text())["training"][0]
+        image = load_nifti(generated / entry["image"])[0]
+        assert np.allclose(image, 0.6, atol=1e-4)

@@ -10,12 +10,15 @@ Usage (cwd = the bundle root)::
 costs one launch instead of one per stage (process start-up dominates these tiny runs).
 """
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # a test that times out sends SIGUSR1 first: every rank prints its stack
     jobs = json.loads(open(sys.argv[1]).read())
     sys.path.insert(0, os.getcwd())  # what `python -m monai.bundle` run from the bundle root has
     from monai.bundle import run

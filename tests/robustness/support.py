@@ -21,23 +21,18 @@ from tests.bundles.harness import BundleCase, run_workflow, substitute
 
 __all__ = ["Entry", "ENTRIES", "bundle_case", "error_chain", "find_error", "run_entry", "Corruption"]
 
-# bundle name -> module holding its harness CASE
-CASE_MODULES = {
-    "clmorph_brain_mri_registration": "tests.bundles.test_clmorph_bundle",
-    "global_local_contrastive_cardiac_mri_segmentation": "tests.bundles.test_global_local_contrastive",
-    "sst_brain_mri_one_shot_segmentation": "tests.bundles.test_sst_bundle",
-    "cyclical_self_training_abdomen_ct_registration": "tests.bundles.test_cyclical_bundle",
-}
+HARNESS_TESTS = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def bundle_case(name: str) -> BundleCase | None:
-    """The harness case of a bundle, None while the bundle has no harness test (still being written)."""
-    try:
-        module = importlib.import_module(CASE_MODULES[name])
-    except ModuleNotFoundError:
-        return None
-    case = module.CASE
-    return case if (case.bundle_root / "configs" / "metadata.json").is_file() else None
+    """The harness case (``CASE`` of a tests/bundles/test_*.py) of a bundle; None while it has none yet."""
+    for path in sorted(HARNESS_TESTS.glob("test_*.py")):
+        if name not in path.read_text():
+            continue
+        case = getattr(importlib.import_module(f"tests.bundles.{path.stem}"), "CASE", None)
+        if isinstance(case, BundleCase) and case.name == name:
+            return case if (case.bundle_root / "configs" / "metadata.json").is_file() else None
+    return None
 
 
 @dataclass(frozen=True)

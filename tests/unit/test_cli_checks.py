@@ -65,3 +65,5 @@ def test_batch_fits():
         check_batch_fits(1, "volumes_per_batch", range(3), "pretrain_datalist", minimum=2)
     with pytest.raises(ConfigOverrideError, match="'volumes_per_batch'"):
         check_batch_fits("4", "volumes_per_batch", range(3), "pretrain_datalist")
+    with pytest.raises(ConfigOverrideError, match="pretrain_datalist has 1 item.*at least 2 distinct"):
+        check_batch_fits(2, "volumes_per_batch", range(1), "pretrain_datalist", minimum=2)

@@ -26,9 +26,9 @@ def test_augmentation_is_identical_for_both_images_of_a_pair():
     volume = torch.rand(1, 24, 26, 28)
     for seed in range(5):
         augment.set_random_state(seed=seed)
-        out = augment({"moving": volume.clone(), "fixed": volume.clone()})
-        assert out["moving"].shape == (1, 16, 18, 20)
-        assert torch.equal(out["moving"], out["fixed"])
+        out = augment({"moving_image": volume.clone(), "fixed_image": volume.clone()})
+        assert out["moving_image"].shape == (1, 16, 18, 20)
+        assert torch.equal(out["moving_image"], out["fixed_image"])
 
 
 def test_paper_learning_rate_schedule():

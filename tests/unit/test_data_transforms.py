@@ -9,7 +9,7 @@ import torch
 from monai.data import Dataset, MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from common.data.transforms import ValidateGeometryd, ValidateImaged, ValidateLabeld, source_name
+from common.data.transforms import ValidateFilesd, ValidateGeometryd, ValidateImaged, ValidateLabeld, source_name
 from common.data.validate import DataValidationError
 
 
@@ -153,3 +153,24 @@ def test_plain_arrays_without_meta():
     with pytest.raises(DataValidationError, match="file unknown"):
         ValidateImaged("image")(data)
     ValidateLabeld("label", [0, 2])(data)
+
+
+def test_files_checked_before_loading(pair, tmp_path):
+    ValidateFilesd(["image", "label"])(pair)
+    missing = tmp_path / "gone.nii.gz"
+    _raises_naming(missing, ValidateFilesd("image"), {"image": str(missing)}, "does not exist")
+    png = tmp_path / "scan.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    _raises_naming(png, ValidateFilesd("image"), {"image": str(png)}, "not a NIfTI file name")
+    header_cut = tmp_path / "cut.nii.gz"
+    header_cut.write_bytes(open(pair["image"], "rb").read()[:40])
+    _raises_naming(header_cut, ValidateFilesd("image"), {"image": str(header_cut)}, "cannot be read as NIfTI")
+
+
+def test_truncated_data_block_needs_read_data(tmp_path):
+    path = _save(tmp_path / "big.nii.gz", np.random.default_rng(4).random((32, 32, 32)).astype(np.float32))
+    blob = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(blob[: len(blob) // 2])  # header intact, data block cut
+    ValidateFilesd("image")({"image": path})  # the header alone still parses
+    _raises_naming(path, ValidateFilesd("image", read_data=True), {"image": path}, "corrupt or truncated")

@@ -172,3 +172,23 @@ def test_stage_weights_roundtrip(tmp_path):
     assert torch.equal(other.weight, net.weight)
     with pytest.raises(FileNotFoundError, match="run stage S9"):
         load_stage_weights(tmp_path / "missing.pt", {"net": other}, stage="stage S9")
+
+
+def test_ablation_flags_route_gradients():
+    """w/o joint optimisation: the flow loss does not reach A; w/o appearance model: A is not used at all."""
+    s, t = torch.rand(1, 1, *SIZE) * 2 - 1, torch.rand(1, 1, *SIZE) * 2 - 1
+    separate = _joint()
+    separate.joint_optimisation = False
+    terms = separate.losses(s, t)
+    grads = torch.autograd.grad(terms["flow"], list(separate.appearance.parameters()), allow_unused=True)
+    assert all(g is None or float(g.abs().sum()) == 0.0 for g in grads)
+    assert float(terms["appearance"]) > 0
+    joint = _joint()
+    grads = torch.autograd.grad(joint.losses(s, t)["flow"], list(joint.appearance.parameters()), allow_unused=True)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    no_app = _joint()
+    no_app.use_appearance = False
+    terms = no_app.losses(s, t)
+    assert float(terms["appearance"]) == 0.0
+    grads = torch.autograd.grad(terms["weighted"], list(no_app.appearance.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)

@@ -9,9 +9,10 @@ import numpy as np
 
 
 def volume_id(entry: dict) -> str:
-    """The entry's ``subject`` if present, else its image file name without .nii/.nii.gz."""
-    if "subject" in entry:
-        return str(entry["subject"])
+    """The entry's ``subject`` or ``case`` if present, else its image file name without .nii/.nii.gz."""
+    for key in ("subject", "case"):
+        if key in entry:
+            return str(entry[key])
     name = Path(entry["image"]).name
     for ext in (".nii.gz", ".nii"):
         if name.endswith(ext):
@@ -24,8 +25,9 @@ def select_volumes(
 ) -> list[dict]:
     """Labelled volumes for fine-tuning: the listed ``ids`` (in that order) or ``count`` drawn without replacement.
 
-    ``ids`` match :func:`volume_id` exactly or as a prefix of it (``"patient002"`` matches ``patient002_frame01``);
-    an id matching no entry, or several, is an error. Without ids, ``count`` volumes are drawn with
+    ``ids`` match :func:`volume_id` exactly or else as a prefix of it (``"patient002"`` matches
+    ``patient002_frame01`` when no other frame of that patient is in the pool); an id matching no entry, or several,
+    is an error that lists the available ids. Without ids, ``count`` volumes are drawn with
     ``numpy.random.default_rng(seed)``, so the same seed gives the same draw for a given pool.
     """
     pool = list(entries)
@@ -35,7 +37,9 @@ def select_volumes(
             hits = [e for e in pool if volume_id(e) == wanted] or [e for e in pool if volume_id(e).startswith(wanted)]
             if len(hits) != 1:
                 found = [volume_id(e) for e in hits] or "nothing"
-                raise ValueError(f"train volume id {wanted!r} matched {found}; available: {[volume_id(e) for e in pool]}")
+                raise ValueError(
+                    f"train volume id {wanted!r} matched {found}; available: {[volume_id(e) for e in pool]}"
+                )
             chosen.append(hits[0])
         return chosen
     if count is None or not 1 <= count <= len(pool):

@@ -33,5 +33,7 @@ class OverlayPNGHandler:
         for i, item in enumerate(engine.state.output):
             image, pred = item[self.image_key], item[self.pred_key]
             case = case_name(image, f"case{engine.state.iteration:04d}_{i}")
-            path = save_overlay_png(image[0].cpu(), {"prediction": pred[0].cpu()}, self.output_dir / f"{case}_overlay.png")
+            path = save_overlay_png(
+                image[0].cpu(), {"prediction": pred[0].cpu()}, self.output_dir / f"{case}_overlay.png"
+            )
             logger.info("overlay written to %s", path)
