@@ -2,18 +2,22 @@
 
 Why: ``python -m monai.bundle run ... --epochs ten`` hands the string "ten" to ignite, and ``--amp false`` gives the
 truthy string "false" (fire parses only True/False as booleans); both fail, or silently misbehave, far from the
-cause. Bundles call `check_config` first in their ``initialize`` list::
+cause. Bundles list the ids to check as ``{id: [rule, "@id"]}`` and call `check_config` first in ``initialize``::
 
-    "$common.cli_checks.check_config({'epochs': ('positive_int', @epochs), 'batch_size': ('positive_int', @batch_size)})"
+    "override_checks": {"epochs": ["positive_int", "@epochs"], "amp": ["bool", "@amp"]},
+    "initialize": ["$common.cli_checks.check_config(@override_checks)", ...]
 
-and `check_min_items` / `check_batch_fits` where a stage needs a minimum number of volumes.
+plus `check_min_items` / `check_batch_fits` where a stage needs a minimum number of volumes, and
+`check_output_dir_free` before inference writes its predictions.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence, Sized
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -22,6 +26,7 @@ __all__ = [
     "check_batch_fits",
     "check_config",
     "check_min_items",
+    "check_output_dir_free",
 ]
 
 
@@ -148,3 +153,21 @@ def check_batch_fits(batch_size: int, batch_id: str, items: Sized, data_id: str,
             + f". Fix: set --{batch_id} between {minimum} and {len(items)}, or add volumes to {data_id}"
         )
     return batch_size
+
+
+def check_output_dir_free(output_dir: str | os.PathLike, overwrite: bool, pattern: str = "*") -> Path:
+    """Refuse to write into ``output_dir`` when it already holds files matching ``pattern``, unless ``overwrite``.
+
+    Why: inference writers (``SaveImaged``) replace earlier results silently; a re-run must not destroy them unless
+    the user asks. Returns the folder.
+    """
+    _boolean("overwrite", overwrite)
+    out = Path(output_dir)
+    existing = sorted(p.name for p in out.glob(pattern) if p.is_file()) if out.is_dir() else []
+    if existing and not overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise ConfigOverrideError(
+            f"output folder {out} already holds results ({shown}); a re-run would overwrite them. "
+            "Fix: choose another --output_dir, or pass --overwrite True to replace them"
+        )
+    return out

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -31,6 +32,8 @@ __all__ = [
     "RANK0_ONLY_HANDLERS",
     "DistributedNetwork",
     "DistributedSubsetSampler",
+    "SyncStatesAtStart",
+    "average_gradients_on_step",
     "default_backend",
     "destroy_process_group",
     "device_ids",
@@ -95,10 +98,93 @@ def init_process_group(backend: str | None = None, device: torch.device | str | 
 
 
 def destroy_process_group() -> bool:
-    """Leave the process group if this process joined one (config ``finalize``)."""
+    """Leave the process group if this process joined one (config ``finalize``); drop the gradient hook."""
+    global _GRADIENT_HOOK
+    if _GRADIENT_HOOK is not None:
+        _GRADIENT_HOOK.remove()
+        _GRADIENT_HOOK = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return True
+
+
+_GRADIENT_HOOK = None
+
+
+def average_gradients_on_step() -> bool:
+    """Average every optimizer's gradients over the ranks right before its ``step()`` (a global step pre-hook).
+
+    Why: DistributedDataParallel synchronises gradients only for computations that go through its ``forward``. Stages
+    that train several networks through custom methods and alternating optimizers (GAN discriminator steps, momentum
+    encoders, registration ``register(...)`` calls) are data-parallel with this instead: the same mean gradient as DDP,
+    computed when the optimizer steps (no overlap with the backward pass, so slower on many GPUs, but exact). Every
+    rank must step its optimizers in the same order, which holds for trainers with rank-independent control flow.
+    Registered once per process (returns True for config ``initialize`` lists); removed by destroy_process_group.
+    """
+    global _GRADIENT_HOOK
+    if _GRADIENT_HOOK is None:
+        _GRADIENT_HOOK = register_optimizer_step_pre_hook(_average_gradients)
+    return True
+
+
+def _average_gradients(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    world = get_world_size()
+    if world == 1:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    # one flat all-reduce: gradients (zeros where a rank has none) and, last, how many ranks had each gradient
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float() for p in params]
+        + [torch.tensor([float(p.grad is not None) for p in params], device=device)]
+    )
+    dist.all_reduce(flat)
+    present = flat[-len(params) :]
+    offset = 0
+    for param, count in zip(params, present.tolist()):
+        size = param.numel()
+        if count > 0:
+            mean = (flat[offset : offset + size] / world).view_as(param).to(param.dtype)
+            if param.grad is None:
+                param.grad = mean
+            else:
+                param.grad.copy_(mean)
+        offset += size
+
+
+class SyncStatesAtStart:
+    """Ignite handler: when the engine starts, copy rank 0's parameters and buffers to every rank.
+
+    The counterpart of DDP's broadcast at construction for networks trained without a DDP wrapper (see
+    ``average_gradients_on_step``). ``modules`` defaults to every ``nn.Module`` attribute of the engine (network,
+    encoders, momentum encoders, MoCo queue, discriminators), visited in attribute-name order, so all ranks broadcast
+    the same tensors in the same order. Attach it after handlers that load weights at start (resume).
+    """
+
+    def __init__(self, modules: Sequence[torch.nn.Module] | None = None) -> None:
+        self.modules = modules
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any) -> None:
+        if get_world_size() == 1:
+            return
+        if self.modules is not None:
+            modules = list(self.modules)
+        else:
+            modules = [v for _, v in sorted(vars(engine).items()) if isinstance(v, torch.nn.Module)]
+        seen: set[int] = set()
+        for module in modules:
+            for tensor in module.state_dict(keep_vars=True).values():
+                if id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                dist.broadcast(tensor.data, src=0)
 
 
 def get_rank() -> int:

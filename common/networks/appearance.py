@@ -71,7 +71,8 @@ class AppearanceModel(nn.Module):
     conv k7 -> 2 x [IN -> conv k5 s2 -> LReLU] -> ``num_res_blocks`` residual blocks -> three
     [conv k3 -> AdaIN(m) -> LReLU] blocks separated by trilinear upsampling back to the input size -> conv k3 -> tanh.
     ``m = LReLU(W2 LReLU(W1 s + b1) + b2)`` is shared by the three AdaIN layers. Any input size is accepted:
-    upsampling returns to the recorded sizes of the downsampling path.
+    upsampling returns to the recorded sizes of the downsampling path. ``strides`` (2 = the paper's isotropic
+    halving) may keep thin axes, e.g. ``((2, 2, 1), (2, 2, 1))`` for short-axis cardiac stacks of 8 slices.
     """
 
     def __init__(
@@ -81,11 +82,15 @@ class AppearanceModel(nn.Module):
         features: int = 16,
         style_dim: int = 128,
         num_res_blocks: int = 2,
+        strides: Sequence[int | Sequence[int]] = (2, 2),
     ) -> None:
         super().__init__()
+        if len(strides) != 2:
+            raise ValueError(f"the appearance model downsamples twice; got strides {strides}")
         conv = Conv[Conv.CONV, spatial_dims]
         inorm = Norm[Norm.INSTANCE, spatial_dims]
         f, f2 = features, 2 * features
+        s1, s2 = (tuple([s] * spatial_dims) if isinstance(s, int) else tuple(s) for s in strides)
         self.spatial_dims = spatial_dims
         self.style_mlp = nn.Sequential(
             nn.Linear(style_dim, style_dim), _lrelu(), nn.Linear(style_dim, style_dim), _lrelu()
@@ -93,8 +98,8 @@ class AppearanceModel(nn.Module):
         self.stem = nn.Sequential(conv(in_channels, f, 7, padding=3), _lrelu())
         self.down = nn.ModuleList(
             [
-                nn.Sequential(inorm(f), conv(f, f2, 5, stride=2, padding=2), _lrelu()),
-                nn.Sequential(inorm(f2), conv(f2, f2, 5, stride=2, padding=2), _lrelu()),
+                nn.Sequential(inorm(f), conv(f, f2, 5, stride=s1, padding=2), _lrelu()),
+                nn.Sequential(inorm(f2), conv(f2, f2, 5, stride=s2, padding=2), _lrelu()),
             ]
         )
         self.res = nn.Sequential(*[_ResBlock(spatial_dims, f2) for _ in range(num_res_blocks)])

@@ -38,6 +38,7 @@ __all__ = [
     "compose_affine",
     "compose_with_affine",
     "fit_affine",
+    "parameters_to_matrix",
     "prealign",
 ]
 
@@ -48,7 +49,8 @@ INITS = ("identity", "com", "moments")
 @dataclass
 class AffineResult:
     """Output of :func:`prealign`: ``matrix`` ``[B, D, D+1]`` (fixed voxel -> moving voxel), ``ddf`` ``[B, D, *shape]``
-    (voxels, for ``fields.warp``), ``warped`` = moving resampled on the fixed grid, ``loss`` ``[B]`` final similarity."""
+    (voxels, for ``fields.warp``), ``warped`` = moving resampled on the fixed grid, ``loss`` ``[B]`` final similarity
+    loss at the finest pyramid level."""
 
     matrix: torch.Tensor
     ddf: torch.Tensor
@@ -104,7 +106,7 @@ def _apply(matrix: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def affine_ddf(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Dense voxel displacement ``[B, D, *shape]`` of ``matrix`` ``[B, D, D+1]`` (or ``[D, D+1]``), for ``fields.warp``."""
+    """Dense voxel displacement ``[B, D, *shape]`` of ``matrix`` ``[B, D, D+1]`` or ``[D, D+1]``."""
     if matrix.ndim == 2:
         matrix = matrix.unsqueeze(0)
     if len(shape) != matrix.shape[-2]:
@@ -114,7 +116,9 @@ def affine_ddf(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def compose_with_affine(matrix: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-    """Affine first, then the deformable ``ddf``, as one field: ``warp(m, c) == warp(warp(m, affine_ddf(matrix)), ddf)``.
+    """Affine first, then the deformable ``ddf``, as one field ``c``.
+
+    ``warp(m, c) == warp(warp(m, affine_ddf(matrix)), ddf)``.
 
     Closed form of ``fields.compose(affine_ddf(matrix), ddf)``: ``c(p) = A(p + u(p)) - p``. Why: the affine field is
     known everywhere, so unlike resampling it this stays exact where ``p + u(p)`` leaves the image.
@@ -132,7 +136,6 @@ def fit_affine(ddf: torch.Tensor, weights: torch.Tensor | None = None) -> torch.
 
     Exact for affine fields (e.g. a GlobalNet output); for a deformable field it gives its best affine part.
     """
-    dims = ddf.shape[1]
     batch = ddf.shape[0]
     grid = fields.identity_grid(ddf.shape[2:], device=ddf.device, dtype=torch.float64).flatten(2)  # [1, D, N]
     ones = torch.ones_like(grid[:, :1])
@@ -176,46 +179,66 @@ def _to_normalised(matrix: torch.Tensor, normaliser: torch.Tensor) -> torch.Tens
     return normaliser @ _homogeneous(matrix) @ torch.linalg.inv(normaliser)
 
 
-class _Transform(torch.nn.Module):
-    """Parameters of ``mode`` for a batch, zero = identity; ``forward`` gives the normalised homogeneous matrix."""
+def _check_axes(frozen_axes: Sequence[int], dims: int) -> tuple[int, ...]:
+    """Frozen axes as non-negative spatial indices (negative ones count from the last axis)."""
+    for axis in frozen_axes:
+        if not -dims <= axis < dims:
+            raise ValueError(f"frozen axis {axis} is not a spatial axis of a {dims}D image")
+    return tuple(sorted({int(axis) % dims for axis in frozen_axes}))
 
-    def __init__(self, mode: str, batch: int, dims: int, frozen_axes: Sequence[int], device, dtype):
-        super().__init__()
-        self.mode, self.dims = _check_mode(mode), dims
-        free = torch.ones(dims, dtype=dtype, device=device)
-        for axis in frozen_axes:
-            if not 0 <= axis < dims:
-                raise ValueError(f"frozen axis {axis} is not a spatial axis of a {dims}D image")
-            free[axis] = 0.0
-        self.register_buffer("free", free)
-        self.register_buffer("free_pairs", free[:, None] * free[None, :])
-        zeros = {"device": device, "dtype": dtype}
-        self.translation = torch.nn.Parameter(torch.zeros(batch, dims, **zeros))
-        if mode in ("rigid", "similarity"):
-            self.rotation = torch.nn.Parameter(torch.zeros(batch, dims, dims, **zeros))
+
+def _free_axes(dims: int, frozen_axes: Sequence[int], device, dtype) -> torch.Tensor:
+    """1 for axes that may move, 0 for frozen ones."""
+    free = torch.ones(dims, dtype=dtype, device=device)
+    for axis in _check_axes(frozen_axes, dims):
+        free[axis] = 0.0
+    return free
+
+
+def _parameters_to_normalised(params: torch.Tensor, mode: str, free: torch.Tensor) -> torch.Tensor:
+    """Homogeneous ``[B, D+1, D+1]`` transform in the normalised frame from ``params`` ``[B, num_parameters]``.
+
+    Order: translation (D), then rotation angles (upper triangle of a skew generator, row-major) and a log-scale, or
+    the D x D increment of the linear part (row-major). Zeros give the identity; frozen axes are masked out.
+    """
+    batch, dims = params.shape[0], free.numel()
+    if params.shape[1] != num_parameters(mode, dims):
+        raise ValueError(f"{mode} in {dims}D takes {num_parameters(mode, dims)} parameters, got {params.shape[1]}")
+    pairs = free[:, None] * free[None, :]
+    eye = torch.eye(dims, dtype=params.dtype, device=params.device).expand(batch, dims, dims)
+    if mode in ("rigid", "similarity"):
+        rows, cols = torch.triu_indices(dims, dims, offset=1, device=params.device)
+        generator = params.new_zeros(batch, dims, dims)
+        generator[:, rows, cols] = params[:, dims : dims + rows.numel()]
+        generator = generator * pairs
+        linear = torch.linalg.matrix_exp(generator - generator.transpose(1, 2))
         if mode == "similarity":
-            self.log_scale = torch.nn.Parameter(torch.zeros(batch, 1, **zeros))
-        if mode == "affine":
-            self.linear = torch.nn.Parameter(torch.zeros(batch, dims, dims, **zeros))
+            linear = torch.diag_embed(torch.exp(params[:, -1:] * free)) @ linear
+    elif mode == "affine":
+        linear = eye + params[:, dims:].reshape(batch, dims, dims) * pairs
+    else:
+        linear = eye
+    top = torch.cat([linear, (params[:, :dims] * free).unsqueeze(-1)], dim=2)
+    return _homogeneous(top)
 
-    def forward(self) -> torch.Tensor:
-        batch, dims = self.translation.shape
-        eye = torch.eye(dims, dtype=self.free.dtype, device=self.free.device).expand(batch, dims, dims)
-        if self.mode in ("rigid", "similarity"):
-            # only the upper triangle is a parameter; skew-symmetric generator restricted to the free axes
-            upper = torch.triu(self.rotation, diagonal=1) * self.free_pairs
-            linear = torch.linalg.matrix_exp(upper - upper.transpose(1, 2))
-            if self.mode == "similarity":
-                linear = torch.diag_embed(torch.exp(self.log_scale * self.free)) @ linear
-        elif self.mode == "affine":
-            linear = eye + self.linear * self.free_pairs
-        else:
-            linear = eye
-        out = torch.zeros(batch, dims + 1, dims + 1, dtype=linear.dtype, device=linear.device)
-        out[:, :dims, :dims] = linear
-        out[:, :dims, dims] = self.translation * self.free
-        out[:, dims, dims] = 1.0
-        return out
+
+def parameters_to_matrix(
+    params: torch.Tensor,
+    mode: str,
+    shape: Sequence[int],
+    frozen_axes: Sequence[int] = (),
+    spacing: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Voxel matrix ``[B, D, D+1]`` of ``mode`` parameters ``[B, num_parameters(mode, D)]`` (zeros = identity).
+
+    Parameters live in the centred normalised frame of a ``shape`` grid (origin at the centre, unit = half the largest
+    physical extent; translation first): the parametrisation of :func:`prealign` and of the learned ``AffineNet``.
+    """
+    dims = len(shape)
+    spacing = tuple(float(s) for s in (spacing or [1.0] * dims))
+    free = _free_axes(dims, frozen_axes, params.device, params.dtype)
+    normaliser = _normaliser(shape, shape, spacing, params.device, params.dtype)
+    return _to_voxel(_parameters_to_normalised(params, _check_mode(mode), free), normaliser)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -344,8 +367,8 @@ def prealign(
         similarity: ``"lncc"`` (same modality), ``"mi"`` or ``"mind"`` (across contrasts), ``"ncc"``, ``"mse"``.
         fixed_mask: weights ``[B or 1, 1, *shape]`` on the fixed grid restricting the similarity (e.g. a dilated atlas
             organ label) and, for ``init``, the fixed image's moments.
-        init: ``"identity"``, ``"com"`` (align intensity centres of mass) or ``"moments"`` (centre of mass plus principal
-            axes; the best of the sign choices and of the plain centre-of-mass start is kept per pair).
+        init: ``"identity"``, ``"com"`` (align intensity centres of mass) or ``"moments"`` (centre of mass plus
+            principal axes; the best of the sign choices and of the plain centre-of-mass start is kept per pair).
         init_matrix: a voxel matrix ``[B or 1, D, D+1]`` to start from instead (e.g. a GlobalNet prediction); the result
             is this matrix composed with the optimised ``mode`` transform.
         frozen_axes: axes without any motion, e.g. ``(2,)`` for in-plane alignment of short-axis stacks.
@@ -368,6 +391,7 @@ def prealign(
     if dims not in (2, 3) or tuple(moving.shape[2:]) != shape:
         raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must be [B, C, *shape] alike")
     batch = max(moving.shape[0], fixed.shape[0])
+    frozen_axes = _check_axes(frozen_axes, dims)
     spacing = tuple(float(s) for s in (spacing or [1.0] * dims))
     device = fixed.device
     dtype = fixed.dtype if fixed.is_floating_point() else torch.float32
@@ -396,20 +420,21 @@ def prealign(
     start = _initial_transform(
         init, init_matrix, pyramid, mask, fixed_n, moving_n, shape, spacing, mode, frozen_axes, level_loss, batch
     )
-    transform = _Transform(mode, batch, dims, frozen_axes, device, dtype)
-    optimiser = torch.optim.Adam(transform.parameters(), lr=learning_rate)
+    free = _free_axes(dims, frozen_axes, device, dtype)
+    params = torch.zeros(batch, num_parameters(mode, dims), device=device, dtype=dtype, requires_grad=True)
+    optimiser = torch.optim.Adam([params], lr=learning_rate)
     for level, steps in zip(pyramid, iterations):
         for _ in range(int(steps)):
             optimiser.zero_grad(set_to_none=True)
-            level_loss(start @ transform(), level).sum().backward()
+            level_loss(start @ _parameters_to_normalised(params, mode, free), level).sum().backward()
             optimiser.step()
 
     with torch.no_grad():
-        normalised = start @ transform()
+        normalised = start @ _parameters_to_normalised(params, mode, free)
         full = _normaliser(shape, shape, spacing, device, dtype)
         matrix = _to_voxel(normalised, full)
         ddf = affine_ddf(matrix, shape)
-        final_loss = level_loss(normalised, pyramid[-1]) if levels[-1] == 1 else torch.full((batch,), float("nan"))
+        final_loss = level_loss(normalised, pyramid[-1])
         warped = fields.warp(moving.to(dtype).expand(batch, *moving.shape[1:]), ddf)
     return AffineResult(matrix=matrix, ddf=ddf, warped=warped, loss=final_loss)
 

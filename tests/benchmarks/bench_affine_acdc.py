@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -103,12 +102,20 @@ def main() -> None:
                 mask = heart if options.get("focus") else None
                 matrix = prealign(subject_images, atlas_image, fixed_mask=mask, **kwargs).matrix
             # atlas labels onto each subject: subject voxel -> atlas voxel is the inverse of (atlas -> subject)
-            transferred = fields.warp_labels(atlas_label.expand(len(test), -1, -1, -1, -1), affine_ddf(
-                invert_affine(matrix), shape))
+            transferred = fields.warp_labels(
+                atlas_label.expand(len(test), -1, -1, -1, -1), affine_ddf(invert_affine(matrix), shape)
+            )
             seconds = (time.perf_counter() - start) / len(test)
             for name, pred, gt in zip(test, transferred, subject_labels):
-                rows.append({"variant": variant, "atlas": atlas_name, "subject": name, "seconds": seconds,
-                             **dice_rows(pred, gt)})
+                rows.append(
+                    {
+                        "variant": variant,
+                        "atlas": atlas_name,
+                        "subject": name,
+                        "seconds": seconds,
+                        **dice_rows(pred, gt),
+                    }
+                )
             last = [r for r in rows if r["variant"] == variant and r["atlas"] == atlas_name]
             mean = np.mean([[r[k] for k in LABELS.values()] for r in last])
             print(f"  atlas {atlas_name} | {variant}: mean Dice {mean:.3f}, {seconds:.2f} s/pair", flush=True)

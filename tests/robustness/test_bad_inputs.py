@@ -68,6 +68,13 @@ IDS = {
         "dataset#data",
         "$common.data.datalist.load_datalist(@datalist, @infer_section, require_label=False)",
     ),
+    CYCLICAL: BundleIds(
+        "num_stages",
+        "batch_size",
+        "models/checkpoint.pt",
+        "infer_datalist",
+        "$common.data.datalist.load_datalist(@datalist, @infer_section, require_label=False)",
+    ),
 }
 
 # ---------------------------------------------------------------------------------------------- proposed changes
@@ -120,8 +127,32 @@ CHECKS = {
         "seed": ["non_negative_int", "@seed"],
         "amp": ["bool", "@amp"],
     },
+    CYCLICAL: {
+        "num_stages": ["positive_int", "@num_stages"],
+        "iterations_per_stage": ["positive_int", "@iterations_per_stage"],
+        "batch_size": ["positive_int", "@batch_size"],
+        "learning_rate": ["positive_float", "@learning_rate"],
+        "learning_rate_min": ["non_negative_float", "@learning_rate_min"],
+        "val_interval": ["positive_int", "@val_interval"],
+        "checkpoint_interval": ["positive_int", "@checkpoint_interval"],
+        "image_size": ["spatial_size_3d", "@image_size"],
+        "adam_iterations": ["non_negative_int", "@adam_iterations"],
+        "num_warps": ["positive_int", "@num_warps"],
+        "cache_rate": ["probability", "@cache_rate"],
+        "num_workers": ["non_negative_int", "@num_workers"],
+        "seed": ["non_negative_int", "@seed"],
+        "amp": ["bool", "@amp"],
+        "augment": ["bool", "@augment"],
+        "use_adam": ["bool", "@use_adam"],
+        "use_ice": ["bool", "@use_ice"],
+        "refine_pseudo_labels": ["bool", "@refine_pseudo_labels"],
+    },
 }
-SEED_ID = {CLMORPH: "seed", GLOBAL_LOCAL: "random_seed", SST: "seed"}
+SEED_ID = {CLMORPH: "seed", GLOBAL_LOCAL: "random_seed", SST: "seed", CYCLICAL: "seed"}
+PAIR_CHECK = (
+    "$common.cli_checks.check_min_items(@train_datalist, @datalist + ' section ' + @train_section, 2, "
+    "'pair sampling (moving, fixed)')"
+)
 SST_BATCH_CHECKS = [
     f"$common.cli_checks.check_batch_fits(@{s}_batch_size, '{s}_batch_size', range(@{s}_pairs_per_epoch), "
     f"'{s}_pairs_per_epoch (drop_last would leave no iteration)')"
@@ -157,8 +188,16 @@ def _train_initialize(bundle: str, extra: list[str] | None = None) -> list[str]:
     ]
 
 
+CHECK_FREE = "$common.cli_checks.check_output_dir_free(@output_dir, @overwrite, '*.nii*')"
+
+
 def _infer_initialize(bundle: str) -> list[str]:
-    return [CHECK_OUTPUT.replace("{data}", IDS[bundle].infer_data), "$monai.utils.set_determinism(seed=0)", LOAD_WEIGHTS]
+    return [
+        CHECK_OUTPUT.replace("{data}", IDS[bundle].infer_data),
+        CHECK_FREE,
+        "$monai.utils.set_determinism(seed=0)",
+        LOAD_WEIGHTS,
+    ]
 
 
 def proposed(bundle: str, change: str) -> dict[str, Any] | None:
@@ -167,16 +206,10 @@ def proposed(bundle: str, change: str) -> dict[str, Any] | None:
     if change == "infer-validate":
         return {ids.infer_data: ids.infer_datalist_expr}
     if change == "cli-check":
-        extra = SST_BATCH_CHECKS if bundle == SST else None
+        extra = {SST: SST_BATCH_CHECKS, CLMORPH: [PAIR_CHECK], CYCLICAL: [PAIR_CHECK]}.get(bundle)
         return {"override_checks": CHECKS[bundle], "initialize": _train_initialize(bundle, extra)}
     if change in ("load-weights", "output-dir"):
-        return {"initialize": _infer_initialize(bundle)}
-    if change == "pair-min":
-        return {
-            "train_pairs": "$[{'moving': a['image'], 'fixed': b['image']} for a, b in itertools.permutations("
-            "common.cli_checks.check_min_items(@train_datalist, @datalist + ' section ' + @train_section, 2, "
-            "'pair sampling (moving, fixed)'), 2)]"
-        }
+        return {"overwrite": False, "initialize": _infer_initialize(bundle)}
     if change == "contrastive-batch":
         return {
             "train#dataloader#batch_size": "$common.cli_checks.check_batch_fits(@volumes_per_batch, "
@@ -240,6 +273,14 @@ def _output_is_input(bundle: str, data: Path, work: Path) -> tuple[str, dict]:
     return str(data / "imagesTr"), {"output_dir": str(data / "imagesTr")}
 
 
+def _previous_results(bundle: str, data: Path, work: Path) -> tuple[str, dict]:
+    """An earlier inference run left a prediction in the output folder."""
+    out = work / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sub005_seg.nii.gz").write_bytes(b"earlier result")
+    return str(out), {}
+
+
 SETTINGS = {
     c.name: c
     for c in [
@@ -249,6 +290,7 @@ SETTINGS = {
         SettingCase("foreign_resume_checkpoint", _foreign_resume_checkpoint, "CheckpointMismatchError", ("train",)),
         SettingCase("foreign_model_weights", _foreign_model, "CheckpointMismatchError", ("infer",)),
         SettingCase("output_dir_is_input_dir", _output_is_input, "DataValidationError", ("infer",)),
+        SettingCase("rerun_over_previous_results", _previous_results, "ConfigOverrideError", ("infer",)),
     ]
 }
 
@@ -258,6 +300,9 @@ NOT_APPLICABLE = {
     (GLOBAL_LOCAL, "atlas_without_label", "infer"),
     (SST, "atlas_without_label", "infer"),  # inference runs the U-Net, no atlas
     (CLMORPH, "batch_exceeds_data", "train"),  # pairs_per_epoch caps the batch, drop_last is false
+    (CYCLICAL, "atlas_without_label", "train"),  # no atlas: pseudo-labels come from registration of all pairs
+    (CYCLICAL, "atlas_without_label", "infer"),  # (inference_atlas.json is the atlas variant, not covered here)
+    (CYCLICAL, "batch_exceeds_data", "train"),  # the sampler draws iterations_per_stage * batch_size pairs
 }
 
 IMAGE_CASES = [
@@ -271,21 +316,25 @@ IMAGE_CASES = [
     "image_nan",
     "image_inf",
 ]
+EVERY_BUNDLE = (CLMORPH, GLOBAL_LOCAL, SST, CYCLICAL)
 PENDING: dict[tuple[str, str, str], str] = {
     # inference lists are loaded with validate=False, so unreadable/bad images reach LoadImaged or the network
-    **{(b, c, "infer"): "infer-validate" for b in (CLMORPH, GLOBAL_LOCAL, SST) for c in IMAGE_CASES},
+    **{(b, c, "infer"): "infer-validate" for b in EVERY_BUNDLE for c in IMAGE_CASES},
     # no override checks yet: ignite/torch fail with "'<' not supported ..." or "max_epochs is invalid"
-    **{(b, c, "train"): "cli-check" for b in (CLMORPH, GLOBAL_LOCAL, SST) for c in ("epochs_not_int", "batch_size_zero")},
+    **{(b, c, "train"): "cli-check" for b in EVERY_BUNDLE for c in ("epochs_not_int", "batch_size_zero")},
     # MONAI CheckpointLoader raises torch's load_state_dict RuntimeError, without the file name
-    **{(b, "foreign_model_weights", "infer"): "load-weights" for b in (CLMORPH, GLOBAL_LOCAL, SST)},
-    **{(b, "output_dir_is_input_dir", "infer"): "output-dir" for b in (CLMORPH, GLOBAL_LOCAL, SST)},
-    (CLMORPH, "single_volume", "train"): "pair-min",  # ZeroDivisionError inside torch's RandomSampler
+    **{(b, "foreign_model_weights", "infer"): "load-weights" for b in EVERY_BUNDLE},
+    **{(b, "output_dir_is_input_dir", "infer"): "output-dir" for b in EVERY_BUNDLE},
+    # SaveImaged silently replaces earlier predictions
+    **{(b, "rerun_over_previous_results", "infer"): "output-dir" for b in EVERY_BUNDLE},
+    (CLMORPH, "single_volume", "train"): "cli-check",  # ZeroDivisionError inside torch's RandomSampler
+    (CYCLICAL, "single_volume", "train"): "cli-check",  # "invalid multinomial distribution" inside torch
     (GLOBAL_LOCAL, "single_volume", "train"): "contrastive-batch",  # trains on a 1-volume "contrastive" batch
     (GLOBAL_LOCAL, "batch_exceeds_data", "train"): "contrastive-batch",  # silently clamped to the dataset size
-    (SST, "batch_exceeds_data", "train"): "cli-check",
+    (SST, "batch_exceeds_data", "train"): "cli-check",  # drop_last=True: an epoch of zero iterations, no error
     # prepare_sst_data now loads the pool with validate=False and validates only the atlas: a bad pool image reaches
     # LoadImaged / the percentile scaling unchecked
-    **{(SST, c, "train"): "volume-validate" for c in IMAGE_CASES},  # drop_last=True: an epoch of zero iterations, no error
+    **{(SST, c, "train"): "volume-validate" for c in IMAGE_CASES},
     (GLOBAL_LOCAL, "foreign_resume_checkpoint", "train"): "resumable",  # pre-training has no resumable checkpoint
 }
 
@@ -310,7 +359,13 @@ def clean_data(tmp_path_factory) -> dict[str, Path]:
             case = bundle_case(bundle)
             root = tmp_path_factory.mktemp(bundle[:12]) / "clean"
             generate_dataset(
-                root, case.preset, case.num_subjects, case.shape, seed=case.seed, num_sites=case.num_sites
+                root,
+                case.preset,
+                case.num_subjects,
+                case.shape,
+                seed=case.seed,
+                num_sites=case.num_sites,
+                **case.dataset_kwargs,
             )
             made[bundle] = root
         return made[bundle]
@@ -362,8 +417,13 @@ def test_proposed_changes_keep_good_runs_working(clean_data, tmp_path):
     if case is None:
         pytest.skip("clmorph bundle not present")
     data = clean_data(CLMORPH)
-    train = {**proposed(CLMORPH, "cli-check"), **proposed(CLMORPH, "pair-min")}
-    run_entry(case, ENTRIES["train"], data, tmp_path, train)
+    run_entry(case, ENTRIES["train"], data, tmp_path, proposed(CLMORPH, "cli-check"))
     infer = {**proposed(CLMORPH, "infer-validate"), **proposed(CLMORPH, "load-weights"), "load_pretrain": True}
-    run_entry(case, ENTRIES["infer"], data, tmp_path, infer)
-    assert list((tmp_path / "out").glob("*_seg.nii.gz")), "inference with the proposed changes wrote no prediction"
+    run_entry(case, ENTRIES["infer"], data, tmp_path, infer)  # same output folder: training wrote no NIfTI there
+    predictions = sorted((tmp_path / "out").glob("*_seg.nii.gz"))
+    assert predictions, "inference with the proposed changes wrote no prediction"
+    with pytest.raises(RuntimeError) as info:  # a re-run refuses to replace them ...
+        run_entry(case, ENTRIES["infer"], data, tmp_path, infer)
+    assert find_error(info.value, ConfigOverrideError) is not None, describe(info.value)
+    run_entry(case, ENTRIES["infer"], data, tmp_path, {**infer, "overwrite": True})  # ... unless asked
+    assert sorted((tmp_path / "out").glob("*_seg.nii.gz")) == predictions

@@ -64,11 +64,7 @@ def _overrides(case, data: Path, run_dir: Path, extra: dict[str, Any]) -> dict[s
 def _start(case, configs: list[str], overrides: dict[str, Any], log: Path) -> subprocess.Popen:
     handle = open(log, "w")  # noqa: SIM115 - closed by _finish
     proc = subprocess.Popen(
-        cli_command(configs, overrides),
-        cwd=case.bundle_root,
-        env=_env(),
-        stdout=handle,
-        stderr=subprocess.STDOUT,
+        cli_command(configs, overrides), cwd=case.bundle_root, env=_env(), stdout=handle, stderr=subprocess.STDOUT
     )
     proc.log_handle = handle  # type: ignore[attr-defined]
     return proc

@@ -150,7 +150,9 @@ def test_label_transfer_through_inverse_lands_on_moving_labels(brain, recovered_
     _, label = brain
     true, _, result = recovered_3d
     moving_label = _moving_for(label, true, order=0)  # ground truth on the moving grid (scipy, nearest)
-    transferred = fields.warp_labels(torch.from_numpy(label)[None, None], affine_ddf(invert_affine(result.matrix), label.shape))
+    transferred = fields.warp_labels(
+        torch.from_numpy(label)[None, None], affine_ddf(invert_affine(result.matrix), label.shape)
+    )
     assert transferred.dtype == torch.uint8
     transferred = transferred[0, 0].numpy()
     in_view = ndimage.binary_erosion(np.ones_like(label, dtype=bool), iterations=2)  # away from padding
@@ -188,7 +190,9 @@ def test_rigid_and_similarity_keep_their_constraints(brain):
 def test_rigid_with_anisotropic_spacing_is_rigid_in_millimetres():
     image = np.random.default_rng(5).random((12, 10, 6)).astype(np.float32)
     spacing = (1.0, 1.5, 4.0)
-    result = prealign(_t(image), _t(np.roll(image, 1, axis=0)), mode="rigid", spacing=spacing, iterations=(3,), levels=(1,))
+    result = prealign(
+        _t(image), _t(np.roll(image, 1, axis=0)), mode="rigid", spacing=spacing, iterations=(3,), levels=(1,)
+    )
     s = torch.tensor(spacing, dtype=torch.float64)
     physical = torch.diag(s) @ result.matrix[0, :, :3].double() @ torch.diag(1 / s)
     torch.testing.assert_close(physical.T @ physical, torch.eye(3, dtype=torch.float64), atol=1e-5, rtol=0)

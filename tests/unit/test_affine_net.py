@@ -1,4 +1,4 @@
-"""Learned affine (MONAI GlobalNet): its output field follows the voxel convention and it trains."""
+"""Learned affine (MONAI GlobalNet encoder, centred head): its output field follows the voxel convention; it trains."""
 
 from __future__ import annotations
 
@@ -24,14 +24,28 @@ def test_output_is_the_affine_field_of_its_matrix():
     net = AffineNet(image_size=(16, 16, 8), num_channel_initial=4, depth=2)
     x = torch.rand(2, 2, 16, 16, 8)
     ddf = net(x)
-    torch.testing.assert_close(ddf, torch.zeros_like(ddf))  # MONAI's head starts at the identity
+    torch.testing.assert_close(ddf, torch.zeros_like(ddf))  # starts at the identity
     with torch.no_grad():
-        net.output_block.fc.weight.normal_(0.0, 1e-3)  # leave the identity: a generic affine per item
+        net.output_block.fc.weight.normal_(0.0, 1e-2)  # leave the identity: a generic affine per item
     ddf = net(x)
     matrix = net.last_matrix()
     assert matrix.shape == (2, 3, 4) and not torch.allclose(matrix[0], matrix[1])
     torch.testing.assert_close(ddf, affine_ddf(matrix, (16, 16, 8)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fit_affine(ddf), matrix, atol=1e-3, rtol=0)
+
+
+def test_rigid_in_plane_variant_keeps_its_constraints():
+    torch.manual_seed(1)
+    net = AffineNet(image_size=(16, 16, 8), mode="rigid", frozen_axes=(2,), num_channel_initial=4, depth=2)
+    with torch.no_grad():
+        net.output_block.fc.weight.normal_(0.0, 1e-1)
+    with torch.no_grad():
+        ddf = net(torch.rand(1, 2, 16, 16, 8))
+    matrix = net.last_matrix()[0].double()
+    assert float(matrix[:2, 3].abs().max()) > 0.1  # it did move
+    torch.testing.assert_close(matrix[:, :3].T @ matrix[:, :3], torch.eye(3, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(matrix[2], torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+    assert float(ddf[:, 2].abs().max()) == 0.0
 
 
 def test_trains_a_few_steps_towards_the_known_shift():
@@ -47,9 +61,9 @@ def test_trains_a_few_steps_towards_the_known_shift():
         loss = lncc_loss(fields.warp(moving, ddf), fixed, kernel_size=9).mean()
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
-    assert losses[-1] < losses[0] - 0.05, losses
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.15, losses
     result = net.register(moving, fixed)
     shift = result.ddf.mean(dim=(2, 3))[0]
-    assert float(shift[0]) > 1.0 and abs(float(shift[1])) < float(shift[0]), shift
+    assert 2.0 < float(shift[0]) < 4.0 and abs(float(shift[1])) < 1.0, shift
     torch.testing.assert_close(result.warped, fields.warp(moving, result.ddf))

@@ -37,7 +37,9 @@ def test_lncc_mask_selects_voxels():
     a, b = _pair((1, 1, 10, 10, 6))
     mask = torch.zeros(1, 1, 10, 10, 6)
     mask[..., 2:7, 3:9, :] = 1
-    full = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=3, kernel_type="rectangular", reduction="none")
+    full = LocalNormalizedCrossCorrelationLoss(
+        spatial_dims=3, kernel_size=3, kernel_type="rectangular", reduction="none"
+    )
     expected = full(a, b)[..., 2:7, 3:9, :].mean()
     torch.testing.assert_close(lncc_loss(a, b, mask=mask, kernel_size=3)[0], expected)
 

@@ -102,3 +102,10 @@ def test_latent_discriminator_parameter_count():
     d = LatentDiscriminator(128, 128, 5)
     assert sum(p.numel() for p in d.parameters()) == 5 * (128 * 128 + 128) + 129
     assert d(torch.randn(3, 128)).shape == (3, 1)
+
+
+def test_appearance_model_anisotropic_strides_keep_shape():
+    model = AppearanceModel(features=2, style_dim=4, num_res_blocks=1, strides=((2, 2, 1), (2, 2, 1)))
+    x = torch.rand(1, 1, 16, 12, 3) * 2 - 1
+    assert model(x, F.normalize(torch.randn(1, 4), dim=1)).shape == x.shape
+    assert model.down[0][1].stride == (2, 2, 1)

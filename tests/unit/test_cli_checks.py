@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from common.cli_checks import ConfigOverrideError, check_batch_fits, check_config, check_min_items
+from common.cli_checks import (
+    ConfigOverrideError,
+    check_batch_fits,
+    check_config,
+    check_min_items,
+    check_output_dir_free,
+)
 
 
 @pytest.mark.parametrize(
@@ -67,3 +73,17 @@ def test_batch_fits():
         check_batch_fits("4", "volumes_per_batch", range(3), "pretrain_datalist")
     with pytest.raises(ConfigOverrideError, match="pretrain_datalist has 1 item.*at least 2 distinct"):
         check_batch_fits(2, "volumes_per_batch", range(1), "pretrain_datalist", minimum=2)
+
+
+def test_output_dir_free(tmp_path):
+    out = tmp_path / "preds"
+    assert check_output_dir_free(out, overwrite=False) == out  # absent folder
+    out.mkdir()
+    check_output_dir_free(out, overwrite=False)  # empty folder
+    (out / "sub005_seg.nii.gz").write_bytes(b"x")
+    with pytest.raises(ConfigOverrideError, match=r"already holds results \(sub005_seg.nii.gz\).*--overwrite True"):
+        check_output_dir_free(out, overwrite=False)
+    check_output_dir_free(out, overwrite=True)
+    check_output_dir_free(out, overwrite=False, pattern="*.csv")  # only matching files count
+    with pytest.raises(ConfigOverrideError, match="'overwrite'"):
+        check_output_dir_free(out, overwrite="false")
