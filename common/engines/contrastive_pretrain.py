@@ -233,7 +233,6 @@ class ContrastivePretrainTrainer(SupervisedTrainer):
             train_handlers=train_handlers,
             key_train_metric=key_train_metric,
             amp=amp and torch.device(device).type == "cuda",
-            decollate=False,
             **kwargs,
         )
 

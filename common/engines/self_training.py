@@ -115,8 +115,8 @@ class CyclicalSelfTrainer(SupervisedTrainer):
         target_factor: pseudo labels and the learning-stream field live on the image grid divided by this (2).
         refine_pseudo_labels: ICE, second warp and Adam in the pseudo-label stream (False: plain ``h``, the
             "w/o PL refinement" ablation, which also disables difficulty weighting).
-        pl_num_warps, pl_use_ice, pl_use_adam, pl_reg_fac, adam_iterations, adam_channels, adam_return_prestep:
-            settings of the pseudo-label stream (paper: 2, True, True, 1, 50, 32, True).
+        pl_num_warps, pl_use_ice, pl_use_adam, pl_reg_fac, adam_iterations, adam_channels, adam_feature_scale,
+            adam_return_prestep: settings of the pseudo-label stream (paper: 2, True, True, 1, 50, 32, 5, True).
         pl_seed: seed of the per-pair random Adam projections (pair ``k`` of stage ``s`` uses ``pl_seed + s*P + k``).
         stage0_seed: seed of ``g_A``.
         augment, aug_strengths, aug_label_transform: learning-stream augmentation ("ref" or "exact" target).
@@ -154,6 +154,7 @@ class CyclicalSelfTrainer(SupervisedTrainer):
         pl_reg_fac: float = 1.0,
         adam_iterations: int = 50,
         adam_channels: int = 32,
+        adam_feature_scale: float = 5.0,
         adam_return_prestep: bool = True,
         pl_seed: int = 0,
         stage0_seed: int = 12345,
@@ -198,6 +199,7 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             reg_fac=float(pl_reg_fac),
             adam_iterations=int(adam_iterations),
             adam_channels=int(adam_channels),
+            adam_feature_scale=float(adam_feature_scale),
             adam_return_prestep=bool(adam_return_prestep),
         )
         self.pl_seed, self.stage0_seed = int(pl_seed), int(stage0_seed)

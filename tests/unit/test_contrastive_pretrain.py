@@ -118,8 +118,9 @@ def test_global_stage_trains_encoder_only():
         view_transform=ContrastiveViews(),
     )
     trainer.run()
-    assert torch.isfinite(torch.as_tensor(trainer.state.output["loss"]))
-    assert trainer.state.output["pred"].shape == (12, 8)  # 2 views x 3 volumes x 2 partitions
+    output = trainer.state.output  # decollated, one item per view of a slice (as MONAI handlers expect)
+    assert len(output) == 12 and torch.isfinite(torch.as_tensor(output[0]["loss"]))  # 2 views x 3 volumes x 2 parts
+    assert output[0]["pred"].shape == (8,)
     assert all(torch.equal(v, unet.decoder.state_dict()[k]) for k, v in dec_before.items())
     assert any(not torch.equal(v, unet.encoder.state_dict()[k]) for k, v in enc_before.items())
 
@@ -140,7 +141,7 @@ def test_local_stage_keeps_encoder_frozen():
         view_transform=ContrastiveViews(crop=False),
     )
     trainer.run()
-    assert trainer.state.output["pred"].shape == (12, 13, 16)
+    assert len(trainer.state.output) == 12 and trainer.state.output[0]["pred"].shape == (13, 16)
     assert all(torch.equal(v, unet.encoder.state_dict()[k]) for k, v in enc_before.items())
 
 
