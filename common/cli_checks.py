@@ -27,6 +27,7 @@ __all__ = [
     "check_config",
     "check_min_items",
     "check_output_dir_free",
+    "check_together",
 ]
 
 
@@ -122,6 +123,18 @@ def check_config(spec: Mapping[str, tuple[str, Any] | Sequence[Any]]) -> bool:
         if rule not in RULES:
             raise ValueError(f"check_config: unknown rule {rule!r} for {name!r}; known: {sorted(RULES)}")
         RULES[rule](name, value)
+    return True
+
+
+def check_together(values: Mapping[str, Any], reason: str) -> bool:
+    """Ids that only make sense together (e.g. ``atlas_image`` and ``atlas_label``): all set or all None."""
+    given = [k for k, v in values.items() if v is not None]
+    if given and len(given) != len(values):
+        missing = [k for k in values if k not in given]
+        raise ConfigOverrideError(
+            f"config id(s) {given} are set but {missing} are not: {reason}. "
+            "Fix: " + " ".join(f"--{k} <value>" for k in missing)
+        )
     return True
 
 

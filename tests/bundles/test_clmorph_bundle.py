@@ -1,5 +1,10 @@
 """CLMorph bundle through the shared harness (tiny synthetic brain set, 1 epoch)."""
 
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
 from tests.bundles.harness import BundleCase, make_bundle_tests
 
 CASE = BundleCase(
@@ -37,4 +42,18 @@ CASE = BundleCase(
     export_input_shape=(1, 2, 32, 32, 32),
     net_io_kwargs={},
 )
-TestClmorphBundle = make_bundle_tests(CASE)
+
+
+class TestClmorphBundle(make_bundle_tests(CASE)):
+    """The harness tests plus the bundle's registration mode (one moving/fixed pair -> warped image and field)."""
+
+    def test_registration_mode(self, trained: dict[str, Path]) -> None:
+        images = sorted((trained["data_dir"] / "imagesTr").glob("*.nii.gz"))
+        extra = {"moving_image": str(images[0]), "fixed_image": str(images[1]), **CASE.infer_overrides}
+        overrides = self._overrides(trained, "register", extra)
+        self._run_checked(["configs/inference.json", "configs/inference_registration.json"], "infer", overrides)
+        out = Path(overrides["output_dir"])
+        warped = nib.load(str(next(out.glob("*_warped.nii.gz"))))
+        ddf = nib.load(str(next(out.glob("*_ddf.nii.gz"))))
+        assert warped.shape[:3] == ddf.shape[:3] == (32, 32, 32)
+        assert ddf.shape[-1] == 3 and np.isfinite(np.asarray(ddf.dataobj)).all()

@@ -44,10 +44,11 @@ from tests.delivery.tiny_bundle import write_tiny_bundle
 RUNNER = Path(__file__).with_name("dist_runner.py")
 # Validation/test cases per rank >= 1 (MONAI's DistributedSampler(even_divisible=False) needs as many items as ranks);
 # pair-based bundles evaluate all ordered pairs of a split, so 3 cases give 3 pairs.
-# Tables whose writer does not gather across ranks yet (reported to the owner): a mismatch there is an expected failure.
+# Tables (by file-name prefix) whose writer does not gather across ranks yet (reported to the owner): a mismatch there is
+# an expected failure.
 KNOWN_PER_RANK_TABLES = {
     "cyclical_self_training_abdomen_ct_registration": {
-        "registration.csv": "common.engines.registration_eval.RegistrationReportHandler writes rank 0's pairs only"
+        "registration": "common.engines.registration_eval.RegistrationReportHandler writes rank 0's pairs only"
     }
 }
 DATASET_SPLITS = {"cyclical_self_training_abdomen_ct_registration": {"num_validation": 3, "num_test": 3}}
@@ -194,20 +195,26 @@ def _iter_keys(obj: Any, prefix: str = "") -> Iterator[str]:
             yield from _iter_keys(value, f"{prefix}{key}.")
 
 
-def _csv_rows(path: Path) -> list[list[str]]:
+def _numeric_rows(path: Path) -> list[tuple[float, ...]]:
+    """The numbers of each row, rows sorted: case names may differ (ranks number duplicate cases on their own)."""
+    rows = []
     with open(path, newline="") as handle:
-        return sorted(csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
+        for row in csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","):
+            numbers = []
+            for cell in row:
+                try:
+                    numbers.append(float(cell))
+                except ValueError:
+                    continue
+            rows.append(tuple(numbers))
+    return sorted(rows, key=lambda r: [(x != x, x if x == x else 0.0) for x in r])
 
 
 def _assert_same_table(got: Path, expected: Path) -> None:
-    rows_got, rows_expected = _csv_rows(got), _csv_rows(expected)
+    rows_got, rows_expected = _numeric_rows(got), _numeric_rows(expected)
     assert len(rows_got) == len(rows_expected), f"{got.name}: {len(rows_got)} rows != {len(rows_expected)}"
     for row_got, row_expected in zip(rows_got, rows_expected):
-        for a, b in zip(row_got, row_expected):
-            try:
-                assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-5, nan_ok=True), f"{got.name}: {a} != {b}"
-            except ValueError:
-                assert Path(a).name == Path(b).name, f"{got.name}: {a!r} != {b!r}"
+        assert row_got == pytest.approx(row_expected, rel=1e-4, abs=1e-5, nan_ok=True), f"{got.name}: {row_got}"
 
 
 @pytest.mark.parametrize("name", _bundles())
@@ -251,8 +258,9 @@ def test_torchrun_two_cpu_processes(name: str, tmp_path: Path) -> None:
         try:
             _assert_same_table(twin, table)
         except AssertionError:
-            if table.name not in known:
+            reason = next((why for prefix, why in known.items() if table.name.startswith(prefix)), None)
+            if reason is None:
                 raise
-            gaps.append(f"{table.name}: {known[table.name]}")
+            gaps.append(f"{table.name}: {reason}")
     if gaps:
         pytest.xfail("; ".join(gaps))

@@ -191,10 +191,18 @@ def _train_initialize(bundle: str, extra: list[str] | None = None) -> list[str]:
 CHECK_FREE = "$common.cli_checks.check_output_dir_free(@output_dir, @overwrite, '*.nii*')"
 
 
+CLMORPH_ATLAS_CHECKS = [
+    "$common.cli_checks.check_together({'atlas_image': @atlas_image, 'atlas_label': @atlas_label}, "
+    "'an atlas needs its label map')",
+    "$common.data.validate.validate_image_label(@atlas_image, @atlas_label, ndim=3) if @atlas_image else None",
+]
+
+
 def _infer_initialize(bundle: str) -> list[str]:
     return [
         CHECK_OUTPUT.replace("{data}", IDS[bundle].infer_data),
         CHECK_FREE,
+        *(CLMORPH_ATLAS_CHECKS if bundle == CLMORPH else []),
         "$monai.utils.set_determinism(seed=0)",
         LOAD_WEIGHTS,
     ]
@@ -208,7 +216,7 @@ def proposed(bundle: str, change: str) -> dict[str, Any] | None:
     if change == "cli-check":
         extra = {SST: SST_BATCH_CHECKS, CLMORPH: [PAIR_CHECK], CYCLICAL: [PAIR_CHECK]}.get(bundle)
         return {"override_checks": CHECKS[bundle], "initialize": _train_initialize(bundle, extra)}
-    if change in ("load-weights", "output-dir"):
+    if change in ("load-weights", "output-dir", "atlas-override"):
         return {"overwrite": False, "initialize": _infer_initialize(bundle)}
     if change == "contrastive-batch":
         return {
@@ -281,6 +289,11 @@ def _previous_results(bundle: str, data: Path, work: Path) -> tuple[str, dict]:
     return str(out), {}
 
 
+def _atlas_image_only(bundle: str, data: Path, work: Path) -> tuple[str, dict]:
+    """``--atlas_image`` given on the command line without ``--atlas_label``."""
+    return "'atlas_label'", {"atlas_image": str(data / "imagesTr" / "sub000.nii.gz")}
+
+
 SETTINGS = {
     c.name: c
     for c in [
@@ -291,6 +304,7 @@ SETTINGS = {
         SettingCase("foreign_model_weights", _foreign_model, "CheckpointMismatchError", ("infer",)),
         SettingCase("output_dir_is_input_dir", _output_is_input, "DataValidationError", ("infer",)),
         SettingCase("rerun_over_previous_results", _previous_results, "ConfigOverrideError", ("infer",)),
+        SettingCase("atlas_image_without_label", _atlas_image_only, "ConfigOverrideError", ("infer",)),
     ]
 }
 
@@ -303,6 +317,8 @@ NOT_APPLICABLE = {
     (CYCLICAL, "atlas_without_label", "train"),  # no atlas: pseudo-labels come from registration of all pairs
     (CYCLICAL, "atlas_without_label", "infer"),  # (inference_atlas.json is the atlas variant, not covered here)
     (CYCLICAL, "batch_exceeds_data", "train"),  # the sampler draws iterations_per_stage * batch_size pairs
+    # only CLMorph inference takes an atlas from the command line
+    *[(b, "atlas_image_without_label", "infer") for b in (GLOBAL_LOCAL, SST, CYCLICAL)],
 }
 
 IMAGE_CASES = [
@@ -335,7 +351,12 @@ PENDING: dict[tuple[str, str, str], str] = {
     # prepare_sst_data now loads the pool with validate=False and validates only the atlas: a bad pool image reaches
     # LoadImaged / the percentile scaling unchecked
     **{(SST, c, "train"): "volume-validate" for c in IMAGE_CASES},
-    (GLOBAL_LOCAL, "foreign_resume_checkpoint", "train"): "resumable",  # pre-training has no resumable checkpoint
+    (GLOBAL_LOCAL, "foreign_resume_checkpoint", "train"): "resumable",
+    (
+        CLMORPH,
+        "atlas_image_without_label",
+        "infer",
+    ): "atlas-override",  # TypeError (None path) inside LoadImaged  # pre-training has no resumable checkpoint
 }
 
 
@@ -411,6 +432,16 @@ def test_proposed_change(bundle, name, entry, clean_data, tmp_path):
     _run_bad(bundle, name, entry, clean_data(bundle), tmp_path, change)
 
 
+# clmorph inference preprocessing with the file/image checks inserted (what the report proposes for every bundle)
+CLMORPH_INFER_PREPROCESSING = [
+    {"_target_": "common.data.transforms.ValidateFilesd", "keys": "image"},
+    {"_target_": "LoadImaged", "keys": "image", "image_only": True, "ensure_channel_first": True},
+    {"_target_": "common.data.transforms.ValidateImaged", "keys": "image", "ndim": 3},
+    {"_target_": "Resized", "keys": "image", "spatial_size": "@image_size", "mode": "trilinear"},
+    {"_target_": "NormalizeIntensityd", "keys": "image"},
+]
+
+
 def test_proposed_changes_keep_good_runs_working(clean_data, tmp_path):
     """The proposed train and inference changes together do not reject the clean tiny runs (one bundle, CPU)."""
     case = bundle_case(CLMORPH)
@@ -418,7 +449,12 @@ def test_proposed_changes_keep_good_runs_working(clean_data, tmp_path):
         pytest.skip("clmorph bundle not present")
     data = clean_data(CLMORPH)
     run_entry(case, ENTRIES["train"], data, tmp_path, proposed(CLMORPH, "cli-check"))
-    infer = {**proposed(CLMORPH, "infer-validate"), **proposed(CLMORPH, "load-weights"), "load_pretrain": True}
+    infer = {
+        **proposed(CLMORPH, "infer-validate"),
+        **proposed(CLMORPH, "load-weights"),
+        "preprocessing#transforms": CLMORPH_INFER_PREPROCESSING,
+        "load_pretrain": True,
+    }
     run_entry(case, ENTRIES["infer"], data, tmp_path, infer)  # same output folder: training wrote no NIfTI there
     predictions = sorted((tmp_path / "out").glob("*_seg.nii.gz"))
     assert predictions, "inference with the proposed changes wrote no prediction"
@@ -427,3 +463,17 @@ def test_proposed_changes_keep_good_runs_working(clean_data, tmp_path):
     assert find_error(info.value, ConfigOverrideError) is not None, describe(info.value)
     run_entry(case, ENTRIES["infer"], data, tmp_path, {**infer, "overwrite": True})  # ... unless asked
     assert sorted((tmp_path / "out").glob("*_seg.nii.gz")) == predictions
+
+
+def test_transform_checks_catch_what_the_datalist_check_skips(clean_data, tmp_path):
+    """With the validation transforms in inference preprocessing, a NaN image passed through ``#data`` (no datalist
+    validation) still fails naming the file."""
+    case = bundle_case(CLMORPH)
+    if case is None:
+        pytest.skip("clmorph bundle not present")
+    data, target = corrupted_copy(clean_data(CLMORPH), tmp_path / "data", CORRUPTIONS["image_nan"], "test")
+    overrides = {"preprocessing#transforms": CLMORPH_INFER_PREPROCESSING}
+    with pytest.raises(RuntimeError) as info:
+        run_entry(case, ENTRIES["infer"], data, tmp_path / "work", overrides)
+    found = find_error(info.value, DataValidationError)
+    assert found is not None and target in str(found), describe(info.value)

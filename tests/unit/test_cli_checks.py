@@ -10,6 +10,7 @@ from common.cli_checks import (
     check_config,
     check_min_items,
     check_output_dir_free,
+    check_together,
 )
 
 
@@ -87,3 +88,10 @@ def test_output_dir_free(tmp_path):
     check_output_dir_free(out, overwrite=False, pattern="*.csv")  # only matching files count
     with pytest.raises(ConfigOverrideError, match="'overwrite'"):
         check_output_dir_free(out, overwrite="false")
+
+
+def test_together():
+    assert check_together({"atlas_image": None, "atlas_label": None}, "an atlas needs its label map")
+    assert check_together({"atlas_image": "a.nii", "atlas_label": "b.nii"}, "an atlas needs its label map")
+    with pytest.raises(ConfigOverrideError, match=r"\['atlas_image'\] are set but \['atlas_label'\].*--atlas_label"):
+        check_together({"atlas_image": "a.nii", "atlas_label": None}, "an atlas needs its label map")

@@ -1,0 +1,130 @@
+"""``--tracking mlflow`` on train / evaluate / infer of every bundle, into a local SQLite store under tmp.
+
+Runs ConfigWorkflow with ``tracking="mlflow"`` (what ``python -m monai.bundle run ... --tracking mlflow`` passes) and
+reads the store back with MlflowClient: one finished run per workflow, the training loss per iteration, the
+evaluation metrics, the engine parameters.
+
+MONAI's default trainer handler reads the loss with ``from_engine(["loss"], first=True)``, which only yields a number
+for decollated outputs (a list of dicts). Trainers whose ``state.output`` is one dict (``decollate=False``) make it
+fail with "float() argument must be ... not 'tuple'". For those bundles the test checks that failure, then tracks the
+training with the same settings but ``output_transform`` reading the dict (what a shipped tracking file would do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import copy
+
+import pytest
+
+from tests.bundles.harness import bundle_context
+from tests.delivery.bundles import (
+    TINY,
+    all_bundle_names,
+    harness_case,
+    make_workspace,
+    tiny_case,
+    write_fresh_weights,
+)
+from tests.delivery.tiny_bundle import write_tiny_bundle
+
+mlflow = pytest.importorskip("mlflow")
+
+DICT_OUTPUT_TRAINERS = {
+    "clmorph_brain_mri_registration": "common.engines.clmorph.RegistrationTrainer",
+    "cyclical_self_training_abdomen_ct_registration": "common.engines.self_training.CyclicalSelfTrainer",
+    "global_local_contrastive_cardiac_mri_segmentation": "common.engines.contrastive_pretrain.ContrastivePretrainTrainer",
+    "sst_brain_mri_one_shot_segmentation": "common.engines.sst.RegistrationPretrainTrainer",
+}
+
+
+def dict_output_settings() -> dict:
+    """MONAI's MLflow settings with the trainer's loss read from a dict output (or a decollated list)."""
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
+    read = "$lambda x: float(x['loss'] if isinstance(x, dict) else x[0]['loss'])"
+    settings["configs"]["trainer"]["output_transform"] = read
+    return settings
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the module (creating its schema is the slow part)."""
+    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlruns.db")
+
+
+def _run_tracked(
+    root: Path, files: list[str], workflow_type: str, overrides: dict[str, Any], tracking: str | dict = "mlflow"
+) -> None:
+    from monai.bundle import ConfigWorkflow
+
+    with bundle_context(root):
+        workflow = ConfigWorkflow(
+            config_file=[str(root / f) for f in files],
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=workflow_type,
+            tracking=tracking,
+            **overrides,
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+
+
+def _single_run(client: Any, experiment: str) -> Any:
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1, f"{experiment}: {len(runs)} runs"
+    assert runs[0].info.status == "FINISHED"
+    return runs[0]
+
+
+@pytest.mark.parametrize("name", all_bundle_names())
+def test_tracking_records_train_evaluate_and_infer(name: str, tmp_path: Path, tracking_uri: str) -> None:
+    case = tiny_case(write_tiny_bundle(tmp_path / "src")) if name == TINY else harness_case(name)
+    if case is None:
+        pytest.skip(f"{name}: no harness BundleCase in tests/bundles yet")
+    from mlflow.tracking import MlflowClient
+
+    ws = make_workspace(case, tmp_path)
+    root = ws.bundle_root
+    tracking = {"tracking_uri": tracking_uri}
+
+    train = {**ws.overrides("train", tmp_path / "train"), **tracking, "experiment_name": f"{name}-train"}
+    if name in DICT_OUTPUT_TRAINERS:
+        default = {**train, "experiment_name": f"{name}-train-default"}
+        with pytest.raises(RuntimeError) as failure:
+            _run_tracked(root, case.train_stages[0], "train", default)
+        assert "not 'tuple'" in "".join(str(e) for e in _chain(failure.value)), failure.value
+        _run_tracked(root, case.train_stages[0], "train", train, tracking=dict_output_settings())
+    else:
+        _run_tracked(root, case.train_stages[0], "train", train)
+    # evaluation and inference of freshly initialised weights (training quality is not the point here)
+    write_fresh_weights(ws, ws.ckpt_dir / case.checkpoint_files[0])
+    evaluate = {**ws.overrides("evaluate", tmp_path / "eval"), **tracking, "experiment_name": f"{name}-evaluate"}
+    _run_tracked(root, case.evaluate_files(), "train", evaluate)
+    infer = {**ws.overrides("infer", tmp_path / "infer"), **tracking, "experiment_name": f"{name}-infer"}
+    _run_tracked(root, case.inference_configs or ["configs/inference.json"], "infer", infer)
+
+    client = MlflowClient(tracking_uri)
+    run = _single_run(client, f"{name}-train")
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert losses and all(m.value == m.value for m in losses), "no finite train_loss recorded"
+    assert "max_epochs" in run.data.params, run.data.params
+    run = _single_run(client, f"{name}-evaluate")
+    assert run.data.metrics, "evaluation recorded no metric"
+    run = _single_run(client, f"{name}-infer")
+    assert run.data.params, "inference recorded no engine parameter"
+    if name in DICT_OUTPUT_TRAINERS:
+        pytest.xfail(f"default --tracking mlflow fails on {DICT_OUTPUT_TRAINERS[name]}'s dict output (see docstring)")
+
+
+def _chain(error: BaseException | None):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
