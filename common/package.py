@@ -1,10 +1,10 @@
 """Self-contained bundle archives in the Model Zoo layout, with the ``common`` code they import vendored inside.
 
-Why: bundle configs say ``$import common.x``; in the repo that resolves through ``pip install -e .``, but a user who only
-downloads ``<name>_v<version>.zip`` has MONAI and nothing else. The archive therefore carries a copy of exactly the
-``common`` modules the bundle reaches (configs, ``scripts/`` and their transitive ``common`` imports) at
-``<name>/common/``. MONAI's CLI run from the bundle root has the bundle root first on ``sys.path`` (``python -m`` adds the
-working directory), so ``$import common...`` finds the vendored copy before any installed one.
+Why: bundle configs say ``$import common.x``; in the repo that resolves through ``pip install -e .``, but a user
+who only downloads ``<name>_v<version>.zip`` has MONAI and nothing else. The archive therefore carries a copy of
+exactly the ``common`` modules the bundle reaches (configs, ``scripts/`` and their transitive ``common`` imports) at
+``<name>/common/``. MONAI's CLI run from the bundle root has the bundle root first on ``sys.path`` (``python -m``
+adds the working directory), so ``$import common...`` finds the vendored copy before any installed one.
 
 Commands::
 
@@ -213,7 +213,9 @@ def common_modules_needed(bundle_dir: str | Path, source_root: str | Path | None
 
 def _missing_requirements(third_party: set[str], metadata: dict) -> list[str]:
     """Top-level imports of the packaged Python code that metadata.json does not list (stdlib excluded)."""
-    listed = {k.lower() for key in ("required_packages_version", "optional_packages_version") for k in metadata.get(key, {})}
+    listed = {
+        k.lower() for key in ("required_packages_version", "optional_packages_version") for k in metadata.get(key, {})
+    }
     missing = []
     for name in sorted(third_party):
         if name in sys.stdlib_module_names or name in ALWAYS_AVAILABLE or name in (PACKAGE, "scripts", "__future__"):
@@ -282,8 +284,10 @@ def build_archive(bundle_dir: str | Path, out_dir: str | Path, strict_requiremen
     modules, third_party = common_modules_needed(bundle_dir)
     missing = _missing_requirements(third_party, metadata)
     if strict_requirements and missing:
-        raise ValueError(f"{name}: packaged code imports {missing}, which {meta_file} does not list in "
-                         "required_packages_version; add them with their versions")
+        raise ValueError(
+            f"{name}: packaged code imports {missing}, which {meta_file} does not list in "
+            "required_packages_version; add them with their versions"
+        )
     out_dir = Path(out_dir)
     archive_path = out_dir / f"{name}_v{version}.zip"
     files: dict[str, bytes] = {f"{name}/{rel}": src.read_bytes() for src, rel in _bundle_members(bundle_dir)}
@@ -368,11 +372,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for bundle_dir in options.bundle_dirs:
                 result = build_archive(bundle_dir, options.out, strict_requirements=options.strict)
-                print(f"{result.archive} ({len(result.members)} files, vendored {len(result.vendored_modules)} "
-                      f"common modules) sha256 {result.sha256}")
+                print(
+                    f"{result.archive} ({len(result.members)} files, vendored {len(result.vendored_modules)} "
+                    f"common modules) sha256 {result.sha256}"
+                )
                 if result.missing_requirements:
-                    print(f"WARNING {bundle_dir}: metadata.json required_packages_version lacks "
-                          f"{result.missing_requirements} imported by the packaged code", file=sys.stderr)
+                    print(
+                        f"WARNING {bundle_dir}: metadata.json required_packages_version lacks "
+                        f"{result.missing_requirements} imported by the packaged code",
+                        file=sys.stderr,
+                    )
     except (ArchiveIntegrityError, FileNotFoundError, ValueError) as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 1

@@ -252,7 +252,9 @@ class MonaiVoxelMorph(nn.Module):
             channels=channels,
             final_conv_channels=final_conv_channels,
         )
-        self.net = VoxelMorph(backbone, integration_steps=integration_steps, half_res=half_res, spatial_dims=spatial_dims)
+        self.net = VoxelMorph(
+            backbone, integration_steps=integration_steps, half_res=half_res, spatial_dims=spatial_dims
+        )
 
     def forward(self, pair: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
         moving, fixed = split_pair(pair)

@@ -278,7 +278,9 @@ def beyond_paper(net, atlas, train, test, args) -> dict:
         "single atlas": AtlasRegistrationInferer(prepared[0]),
         f"{args.num_atlases} atlases, majority": AtlasRegistrationInferer(prepared, fusion="majority"),
         f"{args.num_atlases} atlases, local weighted": AtlasRegistrationInferer(prepared, fusion="local"),
-        f"1 atlas, {args.num_samples} samples (MC)": AtlasRegistrationInferer(prepared[0], num_samples=args.num_samples),
+        f"1 atlas, {args.num_samples} samples (MC)": AtlasRegistrationInferer(
+            prepared[0], num_samples=args.num_samples
+        ),
     }
     for label, inferer in variants.items():
         dice, entropy = [], []
@@ -300,7 +302,9 @@ def beyond_paper(net, atlas, train, test, args) -> dict:
 def _entries(datalist: Path, section: str) -> list[dict]:
     base = datalist.parent
     paths = ("image", "label", "to_subject")
-    return [{k: str(base / v) if k in paths else v for k, v in e.items()} for e in json.loads(datalist.read_text())[section]]
+    return [
+        {k: str(base / v) if k in paths else v for k, v in e.items()} for e in json.loads(datalist.read_text())[section]
+    ]
 
 
 def _fmt(values, digits=3) -> str:

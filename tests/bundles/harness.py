@@ -57,7 +57,6 @@ __all__ = ["BundleCase", "BundleTestSuite", "make_bundle_tests", "run_workflow",
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLES_DIR = REPO_ROOT / "bundles"
 SCHEMA_DIR = REPO_ROOT.parent / "shared" / "conventions" / "schema"
-PLACEHOLDERS = ("bundle_root", "data_dir", "datalist", "ckpt_dir", "output_dir", "tmp")
 
 
 @dataclass

@@ -84,6 +84,24 @@ class TestSSTBundle(make_bundle_tests(CASE)):
         assert 0 < (generated / "generation_grid.png").stat().st_size < 150_000
         assert (trained["tmp"] / "work" / "flows" / "index.json").is_file()
 
+    def test_unet_reads_generated_pairs_unchanged(self, trained):
+        """Generated pairs are already on the preprocessed grid: the U-Net must not crop/rescale them again."""
+        import numpy as np
+        from monai.bundle import ConfigParser
+
+        from common.data.validate import load_nifti
+
+        generated = trained["tmp"] / "work" / "generated"
+        entry = json.loads((generated / "datalist.json").read_text())["training"][0]
+        parser = ConfigParser()
+        parser.read_config(str(CASE.bundle_root / "configs" / "train.json"))
+        parser.update({**TINY, "center_crop_scale": [0.5, 0.5, 1.0], "resample": "resize"})
+        item = parser.get_parsed_content("train#preprocessing")(
+            {"image": str(generated / entry["image"]), "label": str(generated / entry["label"])}
+        )
+        assert np.allclose(item["image"][0].numpy(), load_nifti(generated / entry["image"])[0])
+        assert np.array_equal(item["label"][0].numpy(), load_nifti(generated / entry["label"])[0])
+
     def test_registration_report_and_run_all(self, trained):
         """The "Reg." row runs as a workflow; run_all then skips every finished stage except the missing ones."""
         from monai.bundle import ConfigWorkflow

@@ -4,14 +4,14 @@ Usage (cwd = the bundle root)::
 
     torchrun --standalone --nproc_per_node=2 tests/delivery/dist_runner.py jobs.json
 
-``jobs.json`` is a list of ``{"config_file": [...], "overrides": {...}}``. Each job calls ``monai.bundle.run`` exactly as
-``python -m monai.bundle run --config_file ... --key value`` does (fire hands the same keyword arguments), including
+``jobs.json`` is a list of ``{"config_file": [...], "overrides": {...}}``. Each job calls ``monai.bundle.run`` exactly
+as ``python -m monai.bundle run --config_file ... --key value`` does (fire hands the same keyword arguments), including
 ``initialize`` (joins the process group) and ``finalize`` (leaves it), so a multi-stage training plus the evaluation
 costs one launch instead of one per stage (process start-up dominates these tiny runs).
 
-Each job after the first gets a fresh rendezvous (a new free port, its own TCPStore): a default group created again
-on the same store reuses the same key prefix, and Gloo may then read the previous group's stale addresses and hang.
-The CLI never meets this (one process per run); only this several-runs-per-process runner does.
+Each job after the first gets a fresh rendezvous (a new free port, its own TCPStore): a default group created again on
+the same store reuses the same key prefix, and Gloo may then read the previous group's stale addresses and hang. The CLI
+never meets this (one process per run); only this several-runs-per-process runner does.
 """
 
 import faulthandler

@@ -27,9 +27,7 @@ def isolate(repo_root: str) -> None:
     editable = "__editable__"
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith(editable)]
     sys.path_hooks[:] = [h for h in sys.path_hooks if editable not in getattr(h, "__module__", "")]
-    sys.path[:] = [
-        p for p in sys.path if editable not in p and (_inside(p, sys.prefix) or not _inside(p, repo_root))
-    ]
+    sys.path[:] = [p for p in sys.path if editable not in p and (_inside(p, sys.prefix) or not _inside(p, repo_root))]
     sys.path_importer_cache.clear()
     sys.path.insert(0, os.getcwd())
 

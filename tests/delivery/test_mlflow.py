@@ -12,22 +12,14 @@ training with the same settings but ``output_transform`` reading the dict (what 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
-
-import copy
 
 import pytest
 
 from tests.bundles.harness import bundle_context
-from tests.delivery.bundles import (
-    TINY,
-    all_bundle_names,
-    harness_case,
-    make_workspace,
-    tiny_case,
-    write_fresh_weights,
-)
+from tests.delivery.bundles import TINY, all_bundle_names, harness_case, make_workspace, tiny_case, write_fresh_weights
 from tests.delivery.tiny_bundle import write_tiny_bundle
 
 mlflow = pytest.importorskip("mlflow")
@@ -35,7 +27,6 @@ mlflow = pytest.importorskip("mlflow")
 DICT_OUTPUT_TRAINERS = {
     "clmorph_brain_mri_registration": "common.engines.clmorph.RegistrationTrainer",
     "cyclical_self_training_abdomen_ct_registration": "common.engines.self_training.CyclicalSelfTrainer",
-    "global_local_contrastive_cardiac_mri_segmentation": "common.engines.contrastive_pretrain.ContrastivePretrainTrainer",
     "sst_brain_mri_one_shot_segmentation": "common.engines.sst.RegistrationPretrainTrainer",
 }
 
@@ -75,12 +66,13 @@ def _run_tracked(
         workflow.finalize()
 
 
-def _single_run(client: Any, experiment: str) -> Any:
+def _single_run(client: Any, experiment: str, finished: bool = True) -> Any:
+    """The experiment's only run; validator handlers leave their run open (MONAI default): no status check there."""
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment!r}"
     runs = client.search_runs([found.experiment_id])
     assert len(runs) == 1, f"{experiment}: {len(runs)} runs"
-    assert runs[0].info.status == "FINISHED"
+    assert not finished or runs[0].info.status == "FINISHED", runs[0].info.status
     return runs[0]
 
 
@@ -116,7 +108,7 @@ def test_tracking_records_train_evaluate_and_infer(name: str, tmp_path: Path, tr
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert losses and all(m.value == m.value for m in losses), "no finite train_loss recorded"
     assert "max_epochs" in run.data.params, run.data.params
-    run = _single_run(client, f"{name}-evaluate")
+    run = _single_run(client, f"{name}-evaluate", finished=False)
     assert run.data.metrics, "evaluation recorded no metric"
     run = _single_run(client, f"{name}-infer")
     assert run.data.params, "inference recorded no engine parameter"

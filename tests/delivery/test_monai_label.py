@@ -1,10 +1,10 @@
 """Each bundle's inference config driven the way MONAI Label's ``monaibundle`` app drives it (no MONAI Label needed).
 
-What MONAI Label's BundleInferTask does, reproduced step by step: read ``configs/inference.json`` with ConfigParser,
-set ``bundle_root`` (and ``device``) by plain config update, instantiate ``network_def``, load ``models/model.pt``
-(``checkpoint.get("model", checkpoint)``), take ``preprocessing`` / ``inferer`` / ``postprocessing`` (SaveImaged filtered
-out), run them on ``{"image": <path>}`` with the batch dimension added for the inferer and removed after, and read the
-label map from the first output key of metadata ``network_data_format`` (``pred``).
+What MONAI Label's BundleInferTask does, reproduced step by step: read ``configs/inference.json`` with ConfigParser, set
+``bundle_root`` (and ``device``) by plain config update, instantiate ``network_def``, load ``models/model.pt``
+(``checkpoint.get("model", checkpoint)``), take ``preprocessing`` / ``inferer`` / ``postprocessing`` (SaveImaged
+filtered out), run them on ``{"image": <path>}`` with the batch dimension added for the inferer and removed after, and
+read the label map from the first output key of metadata ``network_data_format`` (``pred``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Multi-GPU configs on PyTorch's distributed engine, run on CPU: 2 Gloo processes under torchrun.
 
 Unit part: ``common.distributed`` (gradient all-reduce through routed entry points, the per-epoch subset sampler,
-rank-0 handler filtering) with two forked Gloo processes. Bundle part, for every bundle: all training stages layered with
-``multi_gpu_train.json`` and then ``evaluate.json + multi_gpu_evaluate.json`` in one torchrun launch; the rank-0
+rank-0 handler filtering) with two forked Gloo processes. Bundle part, for every bundle: all training stages layered
+with ``multi_gpu_train.json`` and then ``evaluate.json + multi_gpu_evaluate.json`` in one torchrun launch; the rank-0
 checkpoint has the single-process structure (plain ``network_def`` keys) and the distributed evaluation reports the
 same per-case numbers as a single-process evaluation of the same weights.
 """
@@ -31,8 +31,8 @@ from tests.bundles.harness import run_workflow
 from tests.delivery.bundles import (
     PYTHON,
     TINY,
-    bundle_root_of,
     build_inference_network,
+    bundle_root_of,
     discover_bundles,
     harness_case,
     make_workspace,
@@ -44,8 +44,8 @@ from tests.delivery.tiny_bundle import write_tiny_bundle
 RUNNER = Path(__file__).with_name("dist_runner.py")
 # Validation/test cases per rank >= 1 (MONAI's DistributedSampler(even_divisible=False) needs as many items as ranks);
 # pair-based bundles evaluate all ordered pairs of a split, so 3 cases give 3 pairs.
-# Tables (by file-name prefix) whose writer does not gather across ranks yet (reported to the owner): a mismatch there is
-# an expected failure.
+# Tables (by file-name prefix) whose writer does not gather across ranks yet (reported to the owner): a mismatch
+# there is an expected failure.
 KNOWN_PER_RANK_TABLES = {
     "cyclical_self_training_abdomen_ct_registration": {
         "registration": "common.engines.registration_eval.RegistrationReportHandler writes rank 0's pairs only"
@@ -174,7 +174,12 @@ def test_multi_gpu_configs_keep_the_bundle_initialize(name: str) -> None:
 def _run_process_group(cmd: list[str], cwd: Path, timeout: float = 420) -> tuple[int, str]:
     """Run torchrun in its own session; on timeout make every rank print its stack (SIGUSR1), then kill them all."""
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=cwd,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:

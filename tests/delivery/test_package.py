@@ -38,7 +38,10 @@ def test_common_modules_needed_follows_configs_scripts_and_imports(tmp_path: Pat
     _write(src / "common" / "e.py", "from common import c\n")
     _write(src / "common" / "f.py", "import json\n")
     bundle = tmp_path / "b"
-    _write(bundle / "configs" / "train.json", json.dumps({"imports": ["$import common"], "net": {"_target_": "common.a.b.Net"}}))
+    _write(
+        bundle / "configs" / "train.json",
+        json.dumps({"imports": ["$import common"], "net": {"_target_": "common.a.b.Net"}}),
+    )
     _write(bundle / "configs" / "inference.json", json.dumps({"x": "$common.f.thing(1)"}))
     _write(bundle / "scripts" / "glue.py", "import importlib\nmod = importlib.import_module('common.e')\n")
     modules, third_party = common_modules_needed(bundle, source_root=src)
@@ -64,8 +67,16 @@ def test_archive_layout_vendoring_and_reproducibility(tiny: Path, tmp_path: Path
         names = set(archive.namelist())
         vendored = {n: archive.read(n) for n in names if n.startswith(f"{NAME}/common/")}
     assert {n.split("/")[0] for n in names} == {NAME}
-    for expected in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/multi_gpu_train.json",
-                     "scripts/glue.py", "models/model.pt", "models/.gitkeep", "docs/README.md"):
+    for expected in (
+        "LICENSE",
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/multi_gpu_train.json",
+        "scripts/glue.py",
+        "models/model.pt",
+        "models/.gitkeep",
+        "docs/README.md",
+    ):
         assert f"{NAME}/{expected}" in names, expected
     for excluded in ("models/checkpoint.pt", "eval/metrics.csv", "scripts/__pycache__/glue.cpython-311.pyc"):
         assert f"{NAME}/{excluded}" not in names, excluded

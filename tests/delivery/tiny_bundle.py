@@ -25,7 +25,9 @@ from common.registration.fields import warp
 
 
 def tiny_unet(out_channels: int) -> torch.nn.Module:
-    return UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(4, 8), strides=(2,), num_res_units=0)
+    return UNet(
+        spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(4, 8), strides=(2,), num_res_units=0
+    )
 
 
 def identity_warp(probabilities: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,14 @@ LOAD = [
 ]
 
 TRAIN = {
-    "imports": ["$import glob", "$import os", "$import common", "$import common.io", "$import scripts", "$import scripts.glue"],
+    "imports": [
+        "$import glob",
+        "$import os",
+        "$import common",
+        "$import common.io",
+        "$import scripts",
+        "$import scripts.glue",
+    ],
     "bundle_root": ".",
     "ckpt_dir": "$@bundle_root + '/models'",
     "output_dir": "$@bundle_root + '/eval'",
@@ -118,19 +127,33 @@ TRAIN = {
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
-                 "to_onehot": "$[@num_classes, @num_classes]"},
+                {
+                    "_target_": "AsDiscreted",
+                    "keys": ["pred", "label"],
+                    "argmax": [True, False],
+                    "to_onehot": "$[@num_classes, @num_classes]",
+                },
             ],
         },
         "handlers": [
-            {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
-             "interval": "@val_interval"},
-            {"_target_": "StatsHandler", "tag_name": "train_loss",
-             "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"},
+            {
+                "_target_": "ValidationHandler",
+                "validator": "@validate#evaluator",
+                "epoch_level": True,
+                "interval": "@val_interval",
+            },
+            {
+                "_target_": "StatsHandler",
+                "tag_name": "train_loss",
+                "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+            },
         ],
         "key_metric": {
-            "train_mean_dice": {"_target_": "MeanDice", "include_background": False,
-                                "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}
+            "train_mean_dice": {
+                "_target_": "MeanDice",
+                "include_background": False,
+                "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
+            }
         },
         "trainer": {
             "_target_": "SupervisedTrainer",
@@ -164,12 +187,20 @@ TRAIN = {
         "postprocessing": "%train#postprocessing",
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
-             "save_key_metric": True, "key_metric_filename": "model.pt"},
+            {
+                "_target_": "CheckpointSaver",
+                "save_dir": "@ckpt_dir",
+                "save_dict": {"model": "@network"},
+                "save_key_metric": True,
+                "key_metric_filename": "model.pt",
+            },
         ],
         "key_metric": {
-            "val_mean_dice": {"_target_": "MeanDice", "include_background": False,
-                              "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}
+            "val_mean_dice": {
+                "_target_": "MeanDice",
+                "include_background": False,
+                "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
+            }
         },
         "evaluator": {
             "_target_": "SupervisedEvaluator",
@@ -192,12 +223,21 @@ TRAIN = {
 
 EVALUATE = {
     "validate#handlers": [
-        {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"},
-         "map_location": "@device"},
+        {
+            "_target_": "CheckpointLoader",
+            "load_path": "$@ckpt_dir + '/model.pt'",
+            "load_dict": {"model": "@network"},
+            "map_location": "@device",
+        },
         {"_target_": "StatsHandler", "iteration_log": False},
-        {"_target_": "MetricsSaver", "save_dir": "@output_dir", "metrics": ["val_mean_dice"],
-         "metric_details": ["val_mean_dice"], "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
-         "summary_ops": "*"},
+        {
+            "_target_": "MetricsSaver",
+            "save_dir": "@output_dir",
+            "metrics": ["val_mean_dice"],
+            "metric_details": ["val_mean_dice"],
+            "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
+            "summary_ops": "*",
+        },
     ],
     "run": ["$@validate#evaluator.run()"],
     "training": ["$@validate#evaluator.run()"],
@@ -222,8 +262,13 @@ INFERENCE = {
         "data": "$monai.data.load_decathlon_datalist(@datalist, True, 'test')",
         "transform": "@preprocessing",
     },
-    "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
-                   "num_workers": 0},
+    "dataloader": {
+        "_target_": "DataLoader",
+        "dataset": "@dataset",
+        "batch_size": 1,
+        "shuffle": False,
+        "num_workers": 0,
+    },
     "inferer": {"_target_": "SimpleInferer"},
     "postprocessing": {
         "_target_": "Compose",
@@ -231,8 +276,15 @@ INFERENCE = {
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Lambdad", "keys": "pred", "func": "$scripts.glue.identity_warp"},
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
-             "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False},
+            {
+                "_target_": "SaveImaged",
+                "keys": "pred",
+                "output_dir": "@output_dir",
+                "output_postfix": "seg",
+                "output_dtype": "$numpy.uint8",
+                "separate_folder": False,
+                "resample": False,
+            },
         ],
     },
     "handlers": [{"_target_": "StatsHandler", "iteration_log": False}],
@@ -245,9 +297,16 @@ INFERENCE = {
         "postprocessing": "@postprocessing",
         "val_handlers": "@handlers",
     },
-    "checkpointloader": {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'",
-                         "load_dict": {"model": "@network"}, "map_location": "@device"},
-    "initialize": ["$monai.utils.set_determinism(seed=0)", "$@checkpointloader(@evaluator) if @load_pretrain else None"],
+    "checkpointloader": {
+        "_target_": "CheckpointLoader",
+        "load_path": "$@ckpt_dir + '/model.pt'",
+        "load_dict": {"model": "@network"},
+        "map_location": "@device",
+    },
+    "initialize": [
+        "$monai.utils.set_determinism(seed=0)",
+        "$@checkpointloader(@evaluator) if @load_pretrain else None",
+    ],
     "run": ["$@evaluator.run()"],
 }
 
@@ -263,13 +322,21 @@ MULTI_GPU_TRAIN = {
         "module": "@network",
         "device_ids": "$common.distributed.device_ids(@device)",
     },
-    "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
-                      "shuffle": True},
+    "train#sampler": {
+        "_target_": "DistributedSampler",
+        "dataset": "@train#dataset",
+        "even_divisible": True,
+        "shuffle": True,
+    },
     "train#dataloader#sampler": "@train#sampler",
     "train#dataloader#shuffle": False,
     "train#trainer#train_handlers": "$common.distributed.rank0_handlers(@train#handlers)",
-    "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False,
-                         "shuffle": False},
+    "validate#sampler": {
+        "_target_": "DistributedSampler",
+        "dataset": "@validate#dataset",
+        "even_divisible": False,
+        "shuffle": False,
+    },
     "validate#dataloader#sampler": "@validate#sampler",
     "validate#evaluator#val_handlers": "$common.distributed.rank0_handlers(@validate#handlers)",
     "initialize": [
@@ -284,8 +351,12 @@ MULTI_GPU_EVALUATE = {
     "imports_distributed": IMPORTS_DISTRIBUTED,
     "dist_backend": "$common.distributed.default_backend()",
     "device": "$common.distributed.local_device()",
-    "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False,
-                         "shuffle": False},
+    "validate#sampler": {
+        "_target_": "DistributedSampler",
+        "dataset": "@validate#dataset",
+        "even_divisible": False,
+        "shuffle": False,
+    },
     "validate#dataloader#sampler": "@validate#sampler",
     "validate#evaluator#val_handlers": "$common.distributed.rank0_handlers(@validate#handlers)",
     "initialize": [INIT_DISTRIBUTED, *TRAIN["initialize"]],

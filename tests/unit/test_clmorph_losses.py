@@ -148,7 +148,9 @@ def test_total_loss_weights():
     assert float(terms["smooth"]) == pytest.approx(
         float(kl_smooth_loss(outputs["svf_mean"], outputs["svf_log_var"])), rel=1e-6
     )
-    assert float(terms["contrast"]) == pytest.approx(_nt_xent_by_hand(outputs["proj_moving"], outputs["proj_fixed"], 0.1))
+    assert float(terms["contrast"]) == pytest.approx(
+        _nt_xent_by_hand(outputs["proj_moving"], outputs["proj_fixed"], 0.1)
+    )
     recon_only = CLMorphLoss(alpha=0.0, beta=0.0)(outputs, moving, fixed)
     assert float(recon_only["loss"]) == pytest.approx(float(terms["recon"]))
 
