@@ -917,4 +917,3 @@ def dice_by_label(summary: Mapping) -> dict[str, float]:
     over = summary.get("mean_over_groups", {}).get("dice")
     out["mean"] = float(over["mean"]) if over else float(np.mean(list(out.values())))
     return out
-

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.engines.checkpoint import CheckpointMismatchError
 from common.losses.contrastive import extract_regions, region_positions
 
 __all__ = [
@@ -263,13 +264,15 @@ def load_pretrained_parts(
 
     ``checkpoint`` is a ``UNet2D`` state dict, a path to one, or a dict holding it under ``"unet"`` or ``"model"``.
     Everything else (later decoder blocks, head, projection heads) keeps its current (random) initialisation.
-    Missing or mis-shaped keys raise, so a checkpoint of another architecture is never half-loaded silently.
+    Missing or mis-shaped keys raise `CheckpointMismatchError` naming the file, so a checkpoint of another
+    architecture is never half-loaded silently.
     """
     if not isinstance(checkpoint, dict) and not Path(checkpoint).is_file():
         raise FileNotFoundError(
             f"pre-trained checkpoint {checkpoint} not found: run the pre-training stage that writes it first, "
             "or fine-tune from random initialisation (load_pretrained False)"
         )
+    source = "the given state dict" if isinstance(checkpoint, dict) else str(checkpoint)
     state = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location=map_location)
     for key in ("unet", "model"):
         if key in state and isinstance(state[key], dict):
@@ -280,6 +283,10 @@ def load_pretrained_parts(
     wanted = [k for k in own if k.startswith(prefixes)]
     missing = [k for k in wanted if k not in state or state[k].shape != own[k].shape]
     if missing:
-        raise KeyError(f"pre-trained checkpoint lacks or mis-shapes {len(missing)} keys, e.g. {missing[:3]}")
+        raise CheckpointMismatchError(
+            f"pre-trained checkpoint {source} lacks or mis-shapes {len(missing)} of the {len(wanted)} keys to load, "
+            f"e.g. {missing[:3]}. Fix: pre-train with the same network settings (channels, image_size), or lower "
+            "pretrained_decoder_blocks to the blocks that checkpoint holds"
+        )
     network.load_state_dict({**own, **{k: state[k] for k in wanted}})
     return wanted

@@ -347,6 +347,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--prealign", type=int, default=1, help="1: affine in-plane pre-alignment to the atlas")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # workflows run from the bundle root
     if not DATA.is_dir():
         print(f"SKIP: ACDC not found at {DATA}")
         return

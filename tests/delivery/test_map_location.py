@@ -18,7 +18,16 @@ import torch.serialization
 from ignite.engine import Engine
 
 from tests.bundles.harness import bundle_context
-from tests.delivery.bundles import TINY, Workspace, all_bundle_names, bundle_root_of, harness_case, tiny_case
+from tests.delivery.bundles import (
+    TINY,
+    Workspace,
+    all_bundle_names,
+    build_inference_network,
+    bundle_root_of,
+    harness_case,
+    make_workspace,
+    tiny_case,
+)
 from tests.delivery.tiny_bundle import write_tiny_bundle
 
 
@@ -54,54 +63,53 @@ def test_cuda_tagged_file_needs_map_location(tmp_path: Path) -> None:
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
 
-def _loader_ids(config: dict, prefix: str = "") -> Iterator[str]:
-    """Config ids of every CheckpointLoader component (``_target_`` ending in CheckpointLoader)."""
-    if isinstance(config, dict):
-        if str(config.get("_target_", "")).split(".")[-1] == "CheckpointLoader" and not config.get("_disabled_"):
-            yield prefix.rstrip("#")
-        for key, value in config.items():
-            yield from _loader_ids(value, f"{prefix}{key}#")
-    elif isinstance(config, list):
-        for index, value in enumerate(config):
-            yield from _loader_ids(value, f"{prefix}{index}#")
+def _gpu_checkpoint(ws: Workspace, seed: int) -> dict[str, torch.Tensor]:
+    """Weights unlike any a workflow builds itself (fresh init of another seed + noise), saved cuda-tagged as model.pt."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    fresh = build_inference_network(ws).state_dict()
+    state = {
+        k: (v + 0.01 * torch.randn(v.shape, generator=generator)).to(v.dtype) if v.is_floating_point() else v.clone()
+        for k, v in fresh.items()
+    }
+    key = ws.case.key_in_ckpt
+    save_as_if_on_gpu({key: state} if key else state, ws.ckpt_dir / ws.case.checkpoint_files[0])
+    return state
 
 
-def _check_loaders(ws: Workspace, files: list[str], kind: str) -> list[str]:
-    """Parse ``files`` as the bundle does, put a cuda-tagged checkpoint at each loader's path, load, compare."""
-    from monai.bundle import ConfigParser
+def _run_and_get_network(ws: Workspace, files: list[str], workflow_type: str, kind: str) -> dict[str, torch.Tensor]:
+    """Run the workflow as the CLI does (initialize, run, finalize); return its ``network`` weights afterwards."""
+    from monai.bundle import ConfigWorkflow
 
     root = ws.bundle_root
     with bundle_context(root):
-        parser = ConfigParser()
-        parser.read_config([str(root / f) for f in files])
-        parser.read_meta(str(root / "configs" / "metadata.json"))
-        parser.update(ws.overrides(kind, ws.tmp / f"out_{kind}"))
-        ids = list(_loader_ids(parser.get()))
-        generator = torch.Generator().manual_seed(1)
-        for loader_id in ids:
-            loader = parser.get_parsed_content(loader_id, instantiate=True)
-            expected = {
-                key: {k: torch.randn(v.shape, generator=generator).to(v.dtype) for k, v in obj.state_dict().items()}
-                for key, obj in loader.load_dict.items()
-            }
-            single = len(expected) == 1
-            save_as_if_on_gpu(next(iter(expected.values())) if single else expected, Path(loader.load_path))
-            loader(Engine(lambda e, b: None))
-            for key, obj in loader.load_dict.items():
-                for name, value in obj.state_dict().items():
-                    assert value.device.type == "cpu", f"{loader_id}: {key}.{name} on {value.device}"
-                    torch.testing.assert_close(value, expected[key][name], rtol=0, atol=0)
-    return ids
+        workflow = ConfigWorkflow(
+            config_file=[str(root / f) for f in files],
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=workflow_type,
+            **ws.overrides(kind, ws.tmp / f"out_{kind}"),
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        state = workflow.parser.get_parsed_content("network").state_dict()
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 @pytest.mark.parametrize("name", all_bundle_names())
-def test_bundle_loaders_map_gpu_checkpoints_to_cpu(name: str, tmp_path: Path) -> None:
+def test_bundle_workflows_load_gpu_checkpoints_on_cpu(name: str, tmp_path: Path) -> None:
+    """Inference and evaluation, each through whatever loader the bundle uses (CheckpointLoader, a load function)."""
     case = tiny_case(write_tiny_bundle(tmp_path / "src")) if name == TINY else harness_case(name)
     if case is None:
         pytest.skip(f"{name}: no harness BundleCase in tests/bundles yet")
-    root = bundle_root_of(case)
-    ws = Workspace(case, root, tmp_path, tmp_path / "data", tmp_path / "data" / "datalist.json", tmp_path / "models")
-    found = _check_loaders(ws, case.inference_configs or ["configs/inference.json"], "infer")
-    assert "checkpointloader" in found, f"{name}: inference has no `checkpointloader` (found {found})"
-    if (root / "configs" / "evaluate.json").is_file():
-        assert _check_loaders(ws, case.evaluate_files(), "evaluate"), f"{name}: evaluate loads no checkpoint"
+    ws = make_workspace(case, tmp_path)
+    runs = [("infer", case.inference_configs or ["configs/inference.json"], "infer")]
+    if (bundle_root_of(case) / "configs" / "evaluate.json").is_file():
+        runs.append(("evaluate", case.evaluate_files(), "train"))
+    for seed, (kind, files, workflow_type) in enumerate(runs, start=3):
+        expected = _gpu_checkpoint(ws, seed)
+        loaded = _run_and_get_network(ws, files, workflow_type, kind)
+        for key, value in expected.items():
+            assert loaded[key].device.type == "cpu"
+            assert torch.equal(loaded[key], value), f"{name} {kind}: {key} is not the checkpoint's value"

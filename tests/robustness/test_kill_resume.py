@@ -1,7 +1,8 @@
 """A training run killed with SIGKILL resumes from its last complete checkpoint (CLI subprocesses, CPU, tiny data).
 
 Bundles: CLMorph (mid-epoch kill, exact), cyclical self-training (mid-stage kill with a pseudo-label bank on disk,
-exact) and SST stage 0 (kill between epochs; not exact today, see its test). Each test runs
+exact), global/local contrastive fine-tuning (mid-epoch kill with validation and a best model, exact) and SST stage 0
+(kill between epochs; not exact today, see its test). Each test runs
 ``python -m monai.bundle run training ...`` three times on one synthetic dataset:
 
 1. uninterrupted reference run (started in parallel with 2, same seed);
@@ -272,6 +273,44 @@ def test_cyclical_kill_mid_stage_resumes_exactly(tmp_path_factory, tmp_path):
     assert 0 < stored["iteration"] < 6, f"the kill did not interrupt training: {stored}"
     _assert_resumed_at(log, tmp_path / "interrupted" / "models" / "checkpoint.pt", stored)
     assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 6
+    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
+    _assert_states_equal(
+        _load(tmp_path / "reference" / "models" / "model.pt"),
+        _load(tmp_path / "interrupted" / "models" / "model.pt"),
+        "model.pt",
+    )
+
+
+def test_global_local_finetuning_kill_mid_epoch_resumes_exactly(tmp_path_factory, tmp_path):
+    """Fine-tuning, 3 epochs x 2 iterations with validation (and the best ``model.pt``) after each epoch, a checkpoint
+    every iteration, killed after the 3rd write (iteration 3, mid epoch 2). Random initialisation, so the stage runs
+    without the pre-training files.
+
+    The slice sampling and augmentation are MONAI random transforms of the checkpointed dataloader, shuffling and
+    the BatchNorm re-estimation before each validation use the global generators, and the best-score record of
+    ``model.pt`` is in the checkpoint (``scripts.resume.BestModelRecord``), so the resumed run must end bit-identical
+    on CPU: same weights, optimizer state and best model.
+    """
+    case = bundle_case("global_local_contrastive_cardiac_mri_segmentation")
+    if case is None:
+        pytest.skip("global_local bundle not present")
+    data = tmp_path_factory.mktemp("cardiac") / "data"
+    generate_dataset(data, preset=case.preset, num_subjects=case.num_subjects, shape=case.shape, seed=0)
+    extra = {
+        "epochs": 3,
+        "iterations_per_epoch": 2,
+        "checkpoint_interval": 1,
+        "val_interval": 1,
+        "load_pretrained": False,
+    }
+    ref, resumed, stored, log, _ = _kill_and_resume(
+        case, ["configs/train.json"], data, tmp_path, extra, "models/checkpoint.pt", kill_after=3
+    )
+    assert 0 < stored["iteration"] < 6, f"the kill did not interrupt training: {stored}"
+    _assert_resumed_at(log, tmp_path / "interrupted" / "models" / "checkpoint.pt", stored)
+    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 6
+    assert ref["engine"]["epoch"] == resumed["engine"]["epoch"] == 3
+    assert ref["objects"]["best_model_record"]["_saved"], "no best model recorded"
     _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
     _assert_states_equal(
         _load(tmp_path / "reference" / "models" / "model.pt"),

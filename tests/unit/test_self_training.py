@@ -1,5 +1,5 @@
-"""Self-training engine: loss, difficulty weights, sampler, pseudo-label bank, augmentation, trainer (pitfalls 9, 10, 16)
-and resuming mid-stage after a kill."""
+"""Self-training engine: loss, difficulty weights, sampler, pseudo-label bank, augmentation, trainer
+(pitfalls 9, 10, 16) and resuming mid-stage after a kill."""
 
 import math
 
@@ -101,7 +101,7 @@ def test_disk_bank_survives_a_restart_and_resumes_a_partial_refresh(tmp_path):
 def sinusoid_pair():
     shape = (48, 40, 64)
     h, w, d = fields.identity_grid(shape)[0]
-    moving = (torch.sin(2 * math.pi * h / 48) * torch.cos(2 * math.pi * w / 40) * torch.sin(2 * math.pi * d / 64))
+    moving = torch.sin(2 * math.pi * h / 48) * torch.cos(2 * math.pi * w / 40) * torch.sin(2 * math.pi * d / 64)
     # spec field 0.05 * (sin h, sin w, sin d) in normalised (x, y, z) channels -> voxel channels (axis order)
     u = torch.stack(
         [

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from common.engines.checkpoint import CheckpointMismatchError
 from common.networks.unet2d import (
     GlobalProjectionHead,
     LocalContrastiveModel,
@@ -78,5 +79,5 @@ def test_finetune_initialisation_loads_only_encoder_and_first_blocks(tmp_path):
         else:
             assert torch.equal(state[k], fresh[k]) and k not in loaded
     assert any(k.startswith("head.") for k in state) and not any(k.startswith("head.") for k in loaded)
-    with pytest.raises(KeyError):
-        load_pretrained_parts(UNet2D(1, 4, channels=(8, 16, 32, 64, 64, 64)), pre.state_dict(), 1)
+    with pytest.raises(CheckpointMismatchError, match="model_local.pt"):
+        load_pretrained_parts(UNet2D(1, 4, channels=(8, 16, 32, 64, 64, 64)), tmp_path / "model_local.pt", 1)
