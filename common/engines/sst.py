@@ -24,21 +24,26 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
 from monai.engines import Trainer
 from torch import nn
-from torch.utils.data import Dataset
 
-from common.data.atlas import select_atlas_closest_to_mean
-from common.data.datalist import load_datalist, read_datalist_json
-from common.data.validate import validate_image_label
+from common.engines.sst_data import (
+    FlowDataset,
+    RandomPairDataset,
+    SSTData,
+    align_to_atlas,
+    color_jitter,
+    entry_name,
+    plain_tensor,
+    prepare_sst_data,
+    to_subject_grid,
+)
 from common.evaluation.metrics import per_label_metrics
 from common.evaluation.report import rows_from_metrics, write_report
 from common.io import atomic_json_dump, atomic_torch_save, atomic_write_bytes, save_nifti
@@ -48,6 +53,7 @@ from common.losses.moco import VolumetricMoCoLoss, momentum_update, warp_to_anat
 from common.networks.appearance import AppearanceModel
 from common.networks.flow_aae import FlowAAE
 from common.networks.sst_registration import FlowNet
+from common.registration.affine import affine_ddf
 from common.registration.fields import resize_ddf, warp, warp_labels
 
 logger = logging.getLogger(__name__)
@@ -79,169 +85,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-@dataclass
-class SSTData:
-    """The one labelled atlas ("base image") and the unlabelled pool, preprocessed to one grid, in [0, 1]."""
-
-    base_image: torch.Tensor  # [1, *S] float
-    base_label: torch.Tensor  # [1, *S] long
-    base_name: str
-    affine: np.ndarray  # affine of the preprocessed grid (for writing generated NIfTI)
-    images: list[torch.Tensor] = field(default_factory=list)  # unlabelled pool, [1, *S] each (atlas excluded)
-    names: list[str] = field(default_factory=list)
-    labels: dict[int, str] = field(default_factory=dict)  # {id: name} from the datalist, background excluded
-
-    @property
-    def spatial_size(self) -> tuple[int, ...]:
-        return tuple(self.base_image.shape[1:])
-
-
-def _name_of(entry: Mapping) -> str:
-    if "subject" in entry:
-        return str(entry["subject"])
-    return Path(str(entry["image"])).name.split(".")[0]
-
-
-def _plain(x: Any) -> torch.Tensor:
-    """A plain tensor (MetaTensor metadata dropped) so that stage files load with ``weights_only=True``."""
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-
-
-def _affine_of(x: Any) -> np.ndarray:
-    affine = getattr(x, "affine", None)
-    if affine is None:
-        return np.eye(4)
-    return np.asarray(affine.detach().cpu().numpy() if torch.is_tensor(affine) else affine, dtype=np.float64)
-
-
-def prepare_sst_data(
-    datalist: str | Path,
-    transform: Callable,
-    atlas: int | str | None = None,
-    section: str = "training",
-    max_images: int | None = None,
-) -> SSTData:
-    """Load the unlabelled pool and the atlas from the ``section`` of ``datalist`` through ``transform``.
-
-    ``transform`` maps ``{"image": path[, "label": path]}`` to tensors ``[1, *S]`` in [0, 1] on one grid (the bundle's
-    ``volume_preprocessing``). ``atlas``: None picks the image closest (MSE) to the pool average (the paper's "most
-    similar image to the anatomical average"), an int is an index into the section, a str a subject name. Only the
-    atlas's label is read; the other images are used without labels. Validation and test sections are never touched.
-    """
-    entries = load_datalist(datalist, section, require_label=False, validate=False)  # the transform reads each file
-    if max_images is not None:
-        entries = entries[: int(max_images)]
-    names = [_name_of(e) for e in entries]
-    images = [transform({"image": e["image"]})["image"] for e in entries]
-    if atlas is None:
-        index = select_atlas_closest_to_mean([img[0] for img in images])
-    elif isinstance(atlas, str):
-        if atlas not in names:
-            raise ValueError(f"atlas {atlas!r} is not a subject of section '{section}' of {datalist}: {names[:10]}...")
-        index = names.index(atlas)
-    else:
-        index = int(atlas)
-    if "label" not in entries[index]:
-        raise ValueError(f"the atlas {names[index]} ({entries[index]['image']}) has no label in {datalist}")
-    raw = read_datalist_json(datalist)
-    allowed = [int(k) for k in raw.get("labels", {})] or None
-    validate_image_label(entries[index]["image"], entries[index]["label"], allowed_labels=allowed)
-    loaded = transform({"image": entries[index]["image"], "label": entries[index]["label"]})
-    labels = {int(k): str(v) for k, v in raw.get("labels", {}).items() if int(k) != 0}
-    pool = [(img, n) for i, (img, n) in enumerate(zip(images, names, strict=True)) if i != index]
-    if not pool:
-        raise ValueError(f"{datalist}: section '{section}' needs at least one unlabelled image besides the atlas")
-    return SSTData(
-        base_image=_plain(loaded["image"]).float(),
-        base_label=_plain(loaded["label"]).long(),
-        base_name=names[index],
-        affine=_affine_of(loaded["image"]),
-        images=[_plain(img).float() for img, _ in pool],
-        names=[n for _, n in pool],
-        labels=labels,
-    )
-
-
-def color_jitter(x: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:
-    """torchvision-style jitter of a [0, 1] volume: x <- clip(b x); x <- clip(c x + (1 - c) mean(x))."""
-    x = (x * brightness).clamp(0.0, 1.0)
-    return (contrast * x + (1.0 - contrast) * x.mean()).clamp(0.0, 1.0)
-
-
-class RandomPairDataset(Dataset):
-    """``length`` random ordered pairs {"source", "target"} of in-memory [0, 1] volumes, returned in [-1, 1].
-
-    Intensity jitter (spec 2.3): brightness and contrast factors ~ U(jitter_range); with ``shared_jitter`` both
-    images of a pair get the same factors (S0/S1: the pair differs only in anatomy), otherwise independent ones (S2).
-    """
-
-    def __init__(
-        self,
-        images: Sequence[torch.Tensor],
-        length: int,
-        shared_jitter: bool = True,
-        jitter_range: Sequence[float] = (0.7, 1.3),
-        seed: int = 0,
-    ) -> None:
-        if len(images) < 1:
-            raise ValueError("RandomPairDataset needs at least one image")
-        self.images = list(images)
-        self.length = int(length)
-        self.shared_jitter = shared_jitter
-        self.low, self.high = float(jitter_range[0]), float(jitter_range[1])
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def _factors(self) -> tuple[float, float]:
-        return float(self.rng.uniform(self.low, self.high)), float(self.rng.uniform(self.low, self.high))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        i, j = (int(v) for v in self.rng.integers(0, len(self.images), size=2))
-        f_s = self._factors()
-        f_t = f_s if self.shared_jitter else self._factors()
-        source = color_jitter(self.images[i], *f_s)
-        target = color_jitter(self.images[j], *f_t)
-        return {"source": source * 2.0 - 1.0, "target": target * 2.0 - 1.0}
-
-
-class FlowDataset(Dataset):
-    """Flows for the AAE (S4), each a random convex-like mix (phi1 + a phi2 + b phi3) / (1 + a + b), a, b ~ U(0, mix).
-
-    Flows are resampled to ``field_size`` (voxel units rescaled) when it differs from their own size.
-    """
-
-    def __init__(
-        self,
-        flows: Sequence[torch.Tensor],
-        length: int | None = None,
-        mix: float = 0.3,
-        field_size: Sequence[int] | None = None,
-        seed: int = 0,
-    ) -> None:
-        if len(flows) < 1:
-            raise ValueError("FlowDataset needs at least one flow")
-        if field_size is not None and tuple(field_size) != tuple(flows[0].shape[1:]):
-            flows = [resize_ddf(f[None], field_size)[0] for f in flows]
-        self.flows = list(flows)
-        self.length = int(length) if length is not None else len(self.flows)
-        self.mix = float(mix)
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        n = len(self.flows)
-        first = self.flows[index % n]
-        if self.mix <= 0 or n < 2:
-            return {"flow": first}
-        j, k = (int(v) for v in self.rng.integers(0, n, size=2))
-        a, b = (float(v) for v in self.rng.uniform(0.0, self.mix, size=2))
-        return {"flow": (first + a * self.flows[j] + b * self.flows[k]) / (1.0 + a + b)}
-
-
 def prepare_dict_batch(batchdata: Mapping, device: torch.device | str | None = None, non_blocking: bool = False, **kw):
     """``prepare_batch`` for dict batches: every tensor moved to ``device``."""
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batchdata.items()}
@@ -636,7 +479,9 @@ def extract_flows(
 ) -> Path:
     """S3: save phi_t (``[D, *S]`` voxels, float32) for every pool image as ``<name>.pt``; ``index.json`` last.
 
-    ``index.json`` is the stage's completion marker. ``appearance=None`` is the "w/o appearance model" ablation.
+    ``index.json`` is the stage's completion marker. ``appearance=None`` is the "w/o appearance model" ablation. With
+    affine pre-alignment the stored flow is the whole atlas -> native-image field (the affine composed with the flow
+    to the aligned image), so the flow AAE and the generated pairs keep the pool's pose variation.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -645,9 +490,11 @@ def extract_flows(
             m.eval()
     base = data.base_image[None].to(device) * 2 - 1
     files = []
-    for name, image in zip(data.names, data.images, strict=True):
+    for i, (name, image) in enumerate(zip(data.names, data.images, strict=True)):
         ddf = _base_to_target_flow(base, image[None].to(device) * 2 - 1, key_encoder, appearance, flow_net)
-        atomic_torch_save(_plain(ddf[0]).cpu(), out / f"{name}.pt")
+        if data.matrices is not None:
+            ddf = to_subject_grid(ddf, data.matrices[i])
+        atomic_torch_save(plain_tensor(ddf[0]).cpu(), out / f"{name}.pt")
         files.append(f"{name}.pt")
     return atomic_json_dump(
         {"base": data.base_name, "spatial_size": list(data.spatial_size), "flows": files}, out / "index.json"
@@ -677,6 +524,10 @@ def evaluate_atlas_registration(
 ) -> dict:
     """Row "Reg." (Table 2a): segment each test image by warping the atlas labels with F(A(b, E_k(t)) -> t).
 
+    With affine pre-alignment (``data.affine_options``) each test image is aligned to the atlas as the pool was, the
+    flow registers the atlas to the aligned image, and the two are composed so the labels land in the test image's
+    own grid.
+
     Scores Dice/HD95/ASSD per label (voxel units when spacing is unknown) with ``common.evaluation``; returns the
     summary and writes ``<name>.csv|json|md`` to ``output_dir``.
     """
@@ -688,12 +539,18 @@ def evaluate_atlas_registration(
     rows = []
     for entry in entries:
         loaded = transform({"image": entry["image"], "label": entry["label"]})
-        target = _plain(loaded["image"]).float()[None].to(device) * 2 - 1
-        ddf = _base_to_target_flow(base, target, key_encoder, appearance, flow_net)
+        target = plain_tensor(loaded["image"]).float()[None].to(device)
+        matrix = None
+        if data.affine_options is not None:
+            matrix = align_to_atlas(target.cpu(), data.base_image, data.base_label, data.affine_options).to(device)
+            target = warp(target, affine_ddf(matrix, target.shape[2:]))
+        ddf = _base_to_target_flow(base, target * 2 - 1, key_encoder, appearance, flow_net)
+        if matrix is not None:
+            ddf = to_subject_grid(ddf, matrix)
         pred = warp_labels(base_label, ddf)[0, 0].cpu()
-        gt = _plain(loaded["label"])[0].long()
+        gt = plain_tensor(loaded["label"])[0].long()
         result = per_label_metrics(pred, gt, data.labels)
-        rows += rows_from_metrics(_name_of(entry), result)
+        rows += rows_from_metrics(entry_name(entry), result)
     json_path = write_report(rows, output_dir, name)[1]
     return json.loads(Path(json_path).read_text())["summary"]
 

@@ -369,8 +369,8 @@ def prealign(
             organ label) and, for ``init``, the fixed image's moments.
         init: ``"identity"``, ``"com"`` (align intensity centres of mass) or ``"moments"`` (centre of mass plus
             principal axes; the best of the sign choices and of the plain centre-of-mass start is kept per pair).
-        init_matrix: a voxel matrix ``[B or 1, D, D+1]`` to start from instead (e.g. a GlobalNet prediction); the result
-            is this matrix composed with the optimised ``mode`` transform.
+        init_matrix: a voxel matrix ``[B or 1, D, D+1]`` to start from instead (e.g. ``AffineNet.last_matrix()``);
+            the result is this matrix composed with the optimised ``mode`` transform.
         frozen_axes: axes without any motion, e.g. ``(2,)`` for in-plane alignment of short-axis stacks.
         levels: pyramid down-sampling factors, coarse to fine; ``iterations``: Adam steps per level.
         spacing: voxel size (defines which motions are rigid); ``None`` = isotropic voxels.
@@ -409,11 +409,11 @@ def prealign(
         if features is not None:
             f_level, m_level = features(f_level), features(m_level)
         mask_level = None if mask is None else _downsample(mask, size)
-        pyramid.append((size, f_level, m_level, mask_level, _normaliser(size, shape, spacing, device, dtype)))
+        grid = fields.identity_grid(size, device=device, dtype=dtype)
+        pyramid.append((grid, f_level, m_level, mask_level, _normaliser(size, shape, spacing, device, dtype)))
 
     def level_loss(normalised: torch.Tensor, level) -> torch.Tensor:
-        size, f_level, m_level, mask_level, normaliser = level
-        grid = fields.identity_grid(size, device=device, dtype=dtype)
+        grid, f_level, m_level, mask_level, normaliser = level
         warped = fields.warp(m_level, _apply(_to_voxel(normalised, normaliser), grid))
         return loss_fn(warped, f_level, mask_level, **kwargs)
 

@@ -35,19 +35,21 @@ def diffusion_regulariser(field: torch.Tensor) -> torch.Tensor:
 
 
 class _MeanSquaredError(torch.autograd.Function):
-    """Per-pair ``mean((a - b)^2)`` ``[B]``, gradient for ``a`` only: stores the residual once, one product backward."""
+    """Per-pair ``mean((a - b)^2)`` ``[B]``, gradient for ``a`` only. ``a`` is overwritten by the residual (the
+    sampled features are not needed again), the sum of squares is one dot product per pair, and the backward scales
+    the stored residual in place: no full-size temporaries beyond the residual itself."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        residual = a - b
+        residual = a.sub_(b).view(a.shape[0], -1)
         ctx.save_for_backward(residual)
-        return residual.pow(2).flatten(1).mean(1)
+        ctx.shape = a.shape
+        return torch.stack([torch.dot(r, r) for r in residual]) / residual.shape[1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (residual,) = ctx.saved_tensors
-        scale = grad.view(-1, *([1] * (residual.ndim - 1))) * (2.0 / residual[0].numel())
-        return residual * scale, None
+        return residual.mul_(grad.view(-1, 1) * (2.0 / residual.shape[1])).view(ctx.shape), None
 
 
 def adam_refine(

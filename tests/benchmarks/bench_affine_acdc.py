@@ -38,7 +38,7 @@ LABELS = {1: "RV", 2: "MYO", 3: "LV"}
 
 # name -> prealign keyword arguments (None = identity); "focus" adds the dilated atlas heart as fixed mask.
 # Two pyramid levels (in-plane factors 4, 2 of the 96 x 96 grid): a full-resolution level cost 3x the time for no gain.
-COMMON = {"levels": (4, 2), "iterations": (100, 50), "learning_rate": 0.02}
+COMMON = {"levels": (4, 2), "iterations": (100, 50)}
 VARIANTS = {
     "identity": None,
     "affine 3D, whole image": {"mode": "affine", **COMMON},

@@ -236,7 +236,10 @@ def evaluate(net, atlas, test, name: str, aligned: bool = True) -> dict:
     """
     atlas_image, atlas_label = _zscore(_load(atlas["image"])), _load(atlas["label"]).long()
     rows, times = [], []
-    inferer = AtlasRegistrationInferer({"image": atlas_image[0], "label": atlas_label[0]}, outputs=("ddf",))
+    direction = _direction(net)
+    atlas_dict = {"image": atlas_image[0], "label": atlas_label[0]}
+    inferer = AtlasRegistrationInferer(atlas_dict, direction=direction, outputs=("ddf",))
+    forward = AtlasRegistrationInferer(atlas_dict, direction="atlas_to_subject")
     for entry in test:
         image, label = _zscore(_load(entry["image"])), _load(entry["label"]).long()
         truth = _subject_truth(entry)
@@ -245,24 +248,38 @@ def evaluate(net, atlas, test, name: str, aligned: bool = True) -> dict:
                 ddf = torch.zeros(1, 3, *image.shape[2:])
                 seg = _to_subject(atlas_label, entry) if aligned else atlas_label
                 reg_seg = label if aligned else truth
+                other = seg
             else:
                 start = time.perf_counter()
                 out = inferer(image, net)
                 times.append(time.perf_counter() - start)
                 seg, ddf = _to_subject(out["seg"].long(), entry), out["ddf"]
+                other = _to_subject(forward(image, net)["seg"].long(), entry) if direction == "inverse" else seg
                 # registration by-product (Table II): subject -> atlas, subject labels onto the atlas
                 reg_seg = warp_labels(label, net(torch.cat([image, atlas_image], 1)))
         metrics = per_label_metrics(seg[0, 0], truth[0, 0], LABELS)
+        other_dice = per_label_metrics(other[0, 0], truth[0, 0], LABELS, metrics=("dice",))
         reg = per_label_metrics(reg_seg[0, 0], atlas_label[0, 0], LABELS, metrics=("dice",))
         rows.append(
             {
                 "case": entry["subject"],
                 **{f"{s}_{m}": metrics[s][m] for s in LABELS.values() for m in ("dice", "hd95", "assd")},
                 "reg_dice": float(np.mean([reg[s]["dice"] for s in LABELS.values()])),
+                "dice_atlas_to_subject": float(np.mean([other_dice[s]["dice"] for s in LABELS.values()])),
                 **deformation_stats(ddf[0]),
             }
         )
-    return {"method": name, "cases": rows, "inference_seconds": float(np.mean(times)) if times else 0.0}
+    return {
+        "method": name,
+        "direction": direction if net is not None else "-",
+        "cases": rows,
+        "inference_seconds": float(np.mean(times)) if times else 0.0,
+    }
+
+
+def _direction(net) -> str:
+    """The bundle's default label transfer (paper-literal exp(-z)) when the network has an SVF, else atlas as moving."""
+    return "inverse" if net is not None and hasattr(net, "inverse_ddf") else "atlas_to_subject"
 
 
 def beyond_paper(net, atlas, train, test, args) -> dict:
@@ -274,12 +291,13 @@ def beyond_paper(net, atlas, train, test, args) -> dict:
     ranked = [a for a in select_atlases(train, None, args.num_atlases + 1) if a["subject"] != atlas["subject"]]
     atlases = [atlas, *ranked[: args.num_atlases - 1]]
     prepared = [{"image": _zscore(_load(a["image"]))[0], "label": _load(a["label"])[0]} for a in atlases]
+    d = _direction(net)
     variants = {
-        "single atlas": AtlasRegistrationInferer(prepared[0]),
-        f"{args.num_atlases} atlases, majority": AtlasRegistrationInferer(prepared, fusion="majority"),
-        f"{args.num_atlases} atlases, local weighted": AtlasRegistrationInferer(prepared, fusion="local"),
+        "single atlas": AtlasRegistrationInferer(prepared[0], direction=d),
+        f"{args.num_atlases} atlases, majority": AtlasRegistrationInferer(prepared, direction=d, fusion="majority"),
+        f"{args.num_atlases} atlases, local weighted": AtlasRegistrationInferer(prepared, direction=d, fusion="local"),
         f"1 atlas, {args.num_samples} samples (MC)": AtlasRegistrationInferer(
-            prepared[0], num_samples=args.num_samples
+            prepared[0], direction=d, num_samples=args.num_samples
         ),
     }
     for label, inferer in variants.items():
@@ -313,8 +331,8 @@ def _fmt(values, digits=3) -> str:
 
 def table(summaries: list[dict], train_info: dict) -> str:
     head = (
-        "| method | " + " | ".join(f"Dice {s}" for s in LABELS.values()) + " | mean Dice | HD95 | ASSD | reg. Dice"
-        " | SDlogJ | % folding | train s/it | infer s/vol |"
+        "| method | transfer | " + " | ".join(f"Dice {s}" for s in LABELS.values()) + " | mean Dice | HD95 | ASSD"
+        " | mean Dice, atlas as moving | reg. Dice | SDlogJ | % folding | train s/it | infer s/vol |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summaries:
@@ -325,7 +343,8 @@ def table(summaries: list[dict], train_info: dict) -> str:
         per = " | ".join(_fmt([r[f"{k}_dice"] for r in rows]) for k in LABELS.values())
         sec, _ = train_info.get(s["method"], (None, None))
         lines.append(
-            f"| {s['method']} | {per} | **{_fmt(dice)}** | {_fmt(hd, 2)} | {_fmt(assd, 2)} "
+            f"| {s['method']} | {s['direction']} | {per} | **{_fmt(dice)}** | {_fmt(hd, 2)} | {_fmt(assd, 2)} "
+            f"| {_fmt([r['dice_atlas_to_subject'] for r in rows])} "
             f"| {_fmt([r['reg_dice'] for r in rows])} | {_fmt([r['sdlogj'] for r in rows])} "
             f"| {np.mean([r['folding_percent'] for r in rows]):.3f} | {'-' if sec is None else f'{sec:.2f}'} "
             f"| {s['inference_seconds']:.3f} |"
@@ -380,7 +399,8 @@ def main() -> None:
         case = test[0]
         image, gt = _zscore(_load(case["image"])), _load(case["label"]).long()
         with torch.no_grad():
-            seg = AtlasRegistrationInferer({"image": atlas_image[0], "label": atlas_label[0]})(image, full_net)["seg"]
+            inferer = AtlasRegistrationInferer({"image": atlas_image[0], "label": atlas_label[0]}, direction="inverse")
+            seg = inferer(image, full_net)["seg"]
         save_overlay_png(
             image[0, 0],
             {"atlas (affine only)": atlas_label[0, 0], "CLMorph": seg[0, 0].long(), "ground truth": gt[0, 0]},

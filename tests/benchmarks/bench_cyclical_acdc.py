@@ -29,7 +29,7 @@ from common.engines.registration_eval import pair_metrics
 from common.engines.self_training import CyclicalSelfTrainer, ImagePairDataset
 from common.networks.cst_features import CSTFeatureNet
 from common.registration.cst_pipeline import CSTRegistrationNet, register_pair
-from tests.benchmarks.cyclical_data import ACDC_DIR, ACDC_LABELS, acdc_patients, load_acdc_volume
+from tests.benchmarks.bench_cyclical_data import ACDC_DIR, ACDC_LABELS, acdc_patients, load_acdc_volume
 
 TEST_CONFIGS = {
     "1 warp w/o Adam": dict(num_warps=1, use_adam=False),

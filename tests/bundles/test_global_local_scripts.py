@@ -1,4 +1,4 @@
-"""Bundle glue of the global/local contrastive bundle: choice of the labelled fine-tuning volumes."""
+"""Bundle glue of the global/local contrastive bundle: choice of the labelled fine-tuning volumes, best-model record."""
 
 import importlib
 
@@ -65,7 +65,11 @@ def test_best_model_record_survives_a_resume(tmp_path):
 
     def saver(net):
         return CheckpointSaver(
-            str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_mean_dice", key_metric_filename="model.pt"
+            str(tmp_path),
+            {"model": net},
+            save_key_metric=True,
+            key_metric_name="val_mean_dice",
+            key_metric_filename="model.pt",
         )
 
     good, worse = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)

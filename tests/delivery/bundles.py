@@ -35,6 +35,11 @@ def all_bundle_names() -> list[str]:
     return [TINY, *discover_bundles()]
 
 
+def subprocess_bundle_names() -> list[str]:
+    """For the tests that pay subprocess start-ups (~10-20 s CPU each): the real bundles, the fixture only without."""
+    return discover_bundles() or [TINY]
+
+
 def harness_case(name: str) -> BundleCase | None:
     """The BundleCase a ``tests/bundles/test_*.py`` file declares for bundle ``name`` (None when there is none)."""
     for path in sorted((REPO_ROOT / "tests" / "bundles").glob("test_*.py")):

@@ -25,10 +25,10 @@ from tests.delivery.bundles import (
     PYTHON,
     REPO_ROOT,
     TINY,
-    all_bundle_names,
     bundle_root_of,
     harness_case,
     make_workspace,
+    subprocess_bundle_names,
     subprocess_env,
     tiny_case,
     write_fresh_weights,
@@ -75,7 +75,7 @@ def test_isolation_hides_the_repo_copy(tmp_path: Path) -> None:
     assert "COMMON_SPEC=None" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("name", all_bundle_names())
+@pytest.mark.parametrize("name", subprocess_bundle_names())
 def test_download_unpack_and_infer_without_repo(name: str, tmp_path: Path) -> None:
     case = tiny_case(write_tiny_bundle(tmp_path / "src")) if name == TINY else harness_case(name)
     if case is None:

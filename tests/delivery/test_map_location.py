@@ -64,7 +64,7 @@ def test_cuda_tagged_file_needs_map_location(tmp_path: Path) -> None:
 
 
 def _gpu_checkpoint(ws: Workspace, seed: int) -> dict[str, torch.Tensor]:
-    """Weights unlike any a workflow builds itself (fresh init of another seed + noise), saved cuda-tagged as model.pt."""
+    """Weights unlike any a workflow builds (fresh init of another seed + noise), saved cuda-tagged as model.pt."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     fresh = build_inference_network(ws).state_dict()

@@ -36,6 +36,7 @@ from tests.delivery.bundles import (
     discover_bundles,
     harness_case,
     make_workspace,
+    subprocess_bundle_names,
     subprocess_env,
     tiny_case,
 )
@@ -146,11 +147,6 @@ def _case(name: str, tmp_path: Path):
     return bigger, root
 
 
-def _bundles() -> list[str]:
-    """Real bundles (each torchrun launch costs ~20 s of CPU); the fixture only while none exists."""
-    return discover_bundles() or [TINY]
-
-
 @pytest.mark.parametrize("name", discover_bundles())
 def test_multi_gpu_configs_keep_the_bundle_initialize(name: str) -> None:
     """Override files replace whole top-level lists: multi_gpu_*.json must repeat every train.json initialize step."""
@@ -222,7 +218,7 @@ def _assert_same_table(got: Path, expected: Path) -> None:
         assert row_got == pytest.approx(row_expected, rel=1e-4, abs=1e-5, nan_ok=True), f"{got.name}: {row_got}"
 
 
-@pytest.mark.parametrize("name", _bundles())
+@pytest.mark.parametrize("name", subprocess_bundle_names())
 def test_torchrun_two_cpu_processes(name: str, tmp_path: Path) -> None:
     case, root = _case(name, tmp_path)
     ws = make_workspace(case, tmp_path)

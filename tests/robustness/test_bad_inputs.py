@@ -332,8 +332,8 @@ IMAGE_CASES = [
     "image_nan",
     "image_inf",
 ]
-# bundles that still lack the changes every bundle needs (global_local has applied them all)
-PENDING_BUNDLES = (CLMORPH, SST, CYCLICAL)
+# bundles that still lack the changes every bundle needs (global_local and sst have applied them all)
+PENDING_BUNDLES = (CLMORPH, CYCLICAL)
 PENDING: dict[tuple[str, str, str], str] = {
     # inference lists are loaded with validate=False, so unreadable/bad images reach LoadImaged or the network
     **{(b, c, "infer"): "infer-validate" for b in PENDING_BUNDLES for c in IMAGE_CASES},
@@ -346,10 +346,6 @@ PENDING: dict[tuple[str, str, str], str] = {
     **{(b, "rerun_over_previous_results", "infer"): "output-dir" for b in PENDING_BUNDLES},
     (CLMORPH, "single_volume", "train"): "cli-check",  # ZeroDivisionError inside torch's RandomSampler
     (CYCLICAL, "single_volume", "train"): "cli-check",  # "invalid multinomial distribution" inside torch
-    (SST, "batch_exceeds_data", "train"): "cli-check",  # drop_last=True: an epoch of zero iterations, no error
-    # prepare_sst_data now loads the pool with validate=False and validates only the atlas: a bad pool image reaches
-    # LoadImaged / the percentile scaling unchecked
-    **{(SST, c, "train"): "volume-validate" for c in IMAGE_CASES},
     (
         CLMORPH,
         "atlas_image_without_label",

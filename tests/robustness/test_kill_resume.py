@@ -1,8 +1,9 @@
 """A training run killed with SIGKILL resumes from its last complete checkpoint (CLI subprocesses, CPU, tiny data).
 
 Bundles: CLMorph (mid-epoch kill, exact), cyclical self-training (mid-stage kill with a pseudo-label bank on disk,
-exact), global/local contrastive fine-tuning (mid-epoch kill with validation and a best model, exact) and SST stage 0
-(kill between epochs; not exact today, see its test). Each test runs
+exact), global/local contrastive fine-tuning (mid-epoch kill with validation and a best model, exact) and global
+pre-training (mid-epoch kill, exact), and SST stage 0
+(mid-epoch kill, exact). Each test runs
 ``python -m monai.bundle run training ...`` three times on one synthetic dataset:
 
 1. uninterrupted reference run (started in parallel with 2, same seed);
@@ -199,59 +200,38 @@ def test_clmorph_kill_mid_epoch_resumes_exactly(brain_data, tmp_path):
     )
 
 
-def test_sst_registration_stage_kill_between_epochs_resumes(brain_data, tmp_path):
-    """SST stage 0 (registration pre-training), 4 epochs x 1 iteration, killed after the 2nd epoch's checkpoint.
+def test_sst_registration_stage_kill_mid_epoch_resumes_exactly(brain_data, tmp_path):
+    """SST stage 0 (registration pre-training), 2 epochs x 2 iterations, a checkpoint every iteration, killed after
+    the 3rd write (iteration 3, mid epoch 2).
 
-    Exact equality with the reference is impossible today: `common.engines.sst.RandomPairDataset` draws pairs and
-    jitter from its own ``numpy.random.default_rng(seed)``, which the checkpoint does not hold, so the resumed run
-    restarts that stream and trains on different pairs. The test checks what must hold anyway: the resume starts at
-    the stored iteration, the run completes the planned iterations, and the weights and optimizer state at the kill
-    are those of the reference run at the same iteration (the runs are identical up to the kill).
+    The random pairs and jitter come from `RandomPairDataset`'s own random state, which the checkpoint holds (the
+    stage's DataLoader is in its ``save_dict``) and restores after replaying the interrupted epoch's batches, so the
+    resumed run must end bit-identical on CPU.
     """
     case = bundle_case("sst_brain_mri_one_shot_segmentation")
     if case is None:
         pytest.skip("sst bundle not present")
-    extra = {"registration_epochs": 4, "registration_batch_size": 1, "registration_pairs_per_epoch": 1}
-    configs = case.train_stages[0]
+    extra = {
+        "registration_epochs": 2,
+        "registration_batch_size": 1,
+        "registration_pairs_per_epoch": 2,
+        "checkpoint_interval": 1,
+    }
     rel = "work/checkpoints/stage0_registration.pt"
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
-    # the reference keeps a copy of its checkpoint at each epoch so the state at the kill can be compared
-    reference = _start(case, configs, _overrides(case, brain_data, ref_dir, extra), tmp_path / "reference.log")
-    snapshots = _watch_snapshots(reference, ref_dir / rel)
-    killed = _start(case, configs, _overrides(case, brain_data, run_dir, extra), tmp_path / "killed.log")
-    _kill_after_writes(killed, run_dir / rel, 2)
-    stored_ckpt = _load(run_dir / rel)
-    stored = stored_ckpt["engine"]
+    ref, resumed, stored, log, _ = _kill_and_resume(
+        case, case.train_stages[0], brain_data, tmp_path, extra, rel, kill_after=3
+    )
     assert 0 < stored["iteration"] < 4, f"the kill did not interrupt training: {stored}"
-    _plant_partial_tmp(run_dir / rel)
-    resumed = _start(case, configs, _overrides(case, brain_data, run_dir, extra), tmp_path / "resumed.log")
-    log = _finish(resumed, tmp_path / "resumed.log")
-    _assert_resumed_at(log, run_dir / rel, stored)
-    final = _load(run_dir / rel)
-    assert final["engine"]["iteration"] == 4 and final["engine"]["epoch"] == 4
-    snapshot = snapshots[stored["iteration"]]
-    _assert_states_equal(snapshot["objects"], stored_ckpt["objects"], f"state at iteration {stored['iteration']}")
-
-
-def _watch_snapshots(proc: subprocess.Popen, path: Path) -> dict[int, dict]:
-    """Wait for ``proc`` and keep a copy of each checkpoint version it writes, keyed by stored iteration."""
-    snapshots: dict[int, dict] = {}
-    last, deadline = None, time.monotonic() + TIMEOUT
-    while True:
-        current = _signature(path)
-        if current is not None and current != last:
-            last = current
-            state = _load(path)
-            snapshots[state["engine"]["iteration"]] = state
-        if proc.poll() is not None:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"reference run exceeded {TIMEOUT} s")
-        time.sleep(0.01)
-    proc.log_handle.close()  # type: ignore[attr-defined]
-    assert proc.returncode == 0, f"reference run failed (exit {proc.returncode})"
-    return snapshots
+    _assert_resumed_at(log, tmp_path / "interrupted" / rel, stored)
+    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 4
+    assert ref["engine"]["epoch"] == resumed["engine"]["epoch"] == 2
+    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
+    _assert_states_equal(ref["transform_rng"], resumed["transform_rng"], "pair sampler random state")
+    _assert_states_equal(
+        _load(tmp_path / "reference" / "models" / "sst_registration.pt"),
+        _load(tmp_path / "interrupted" / "models" / "sst_registration.pt"),
+        "sst_registration.pt",
+    )
 
 
 @pytest.mark.slow
@@ -281,6 +261,15 @@ def test_cyclical_kill_mid_stage_resumes_exactly(tmp_path_factory, tmp_path):
     )
 
 
+def _global_local_case_and_data(tmp_path_factory):
+    case = bundle_case("global_local_contrastive_cardiac_mri_segmentation")
+    if case is None:
+        pytest.skip("global_local bundle not present")
+    data = tmp_path_factory.mktemp("cardiac") / "data"
+    generate_dataset(data, preset=case.preset, num_subjects=case.num_subjects, shape=case.shape, seed=0)
+    return case, data
+
+
 def test_global_local_finetuning_kill_mid_epoch_resumes_exactly(tmp_path_factory, tmp_path):
     """Fine-tuning, 3 epochs x 2 iterations with validation (and the best ``model.pt``) after each epoch, a checkpoint
     every iteration, killed after the 3rd write (iteration 3, mid epoch 2). Random initialisation, so the stage runs
@@ -291,11 +280,7 @@ def test_global_local_finetuning_kill_mid_epoch_resumes_exactly(tmp_path_factory
     ``model.pt`` is in the checkpoint (``scripts.resume.BestModelRecord``), so the resumed run must end bit-identical
     on CPU: same weights, optimizer state and best model.
     """
-    case = bundle_case("global_local_contrastive_cardiac_mri_segmentation")
-    if case is None:
-        pytest.skip("global_local bundle not present")
-    data = tmp_path_factory.mktemp("cardiac") / "data"
-    generate_dataset(data, preset=case.preset, num_subjects=case.num_subjects, shape=case.shape, seed=0)
+    case, data = _global_local_case_and_data(tmp_path_factory)
     extra = {
         "epochs": 3,
         "iterations_per_epoch": 2,
@@ -316,4 +301,27 @@ def test_global_local_finetuning_kill_mid_epoch_resumes_exactly(tmp_path_factory
         _load(tmp_path / "reference" / "models" / "model.pt"),
         _load(tmp_path / "interrupted" / "models" / "model.pt"),
         "model.pt",
+    )
+
+
+@pytest.mark.slow
+def test_global_local_pretraining_kill_mid_epoch_resumes_exactly(tmp_path_factory, tmp_path):
+    """Global pre-training (G^D), 3 epochs x 2 iterations, a checkpoint every iteration, killed after the 3rd write.
+
+    The partition sampler (collate) and the two augmented views draw from the global torch generator, the volume
+    order from the checkpointed dataloader, so the resumed run must end bit-identical on CPU (encoder, projection head,
+    optimizer).
+    """
+    case, data = _global_local_case_and_data(tmp_path_factory)
+    extra = {"pretrain_epochs": 3, "pretrain_iterations_per_epoch": 2, "checkpoint_interval": 1}
+    rel = "models/checkpoint_pretrain_global.pt"
+    ref, resumed, stored, log, _ = _kill_and_resume(case, case.train_stages[0], data, tmp_path, extra, rel, 3)
+    assert 0 < stored["iteration"] < 6, f"the kill did not interrupt training: {stored}"
+    _assert_resumed_at(log, tmp_path / "interrupted" / rel, stored)
+    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 6
+    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
+    _assert_states_equal(
+        _load(tmp_path / "reference" / "models" / "model_global.pt"),
+        _load(tmp_path / "interrupted" / "models" / "model_global.pt"),
+        "model_global.pt",
     )

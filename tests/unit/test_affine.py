@@ -22,6 +22,7 @@ from common.registration.affine import (
     fit_affine,
     invert_affine,
     num_parameters,
+    parameters_to_matrix,
     prealign,
 )
 
@@ -125,6 +126,18 @@ def test_invert_and_compose_matrices():
     torch.testing.assert_close(c[:, :3] @ p + c[:, 3], expected)
     assert (num_parameters("affine", 3), num_parameters("affine", 2)) == (12, 6)
     assert (num_parameters("rigid", 3), num_parameters("similarity", 3), num_parameters("rigid", 2)) == (6, 7, 3)
+
+
+def test_parameters_are_centred_and_normalised():
+    """2D rigid, 11 x 11 grid: centre 5, unit 5 voxels; params (0.2, 0, 90 deg) = turn about the centre, then shift 1."""
+    matrix = parameters_to_matrix(torch.tensor([[0.2, 0.0, math.pi / 2]]), "rigid", (11, 11))[0]
+    for p, q in [((5.0, 5.0), (6.0, 5.0)), ((5.0, 7.0), (8.0, 5.0)), ((2.0, 5.0), (6.0, 8.0))]:
+        torch.testing.assert_close(matrix[:, :2] @ torch.tensor(p) + matrix[:, 2], torch.tensor(q), atol=1e-5, rtol=0)
+    # a start matrix survives the round trip through the normalised frame unchanged (no steps taken)
+    start = torch.from_numpy(_random_affine(np.random.default_rng(11), 2)).float()[None]
+    image = torch.rand(1, 1, SIZE, SIZE)
+    kept = prealign(image, image, init_matrix=start, levels=(1,), iterations=(0,)).matrix
+    torch.testing.assert_close(kept, start, atol=1e-4, rtol=0)
 
 
 def test_fit_affine_recovers_matrix_of_a_field():
