@@ -4,14 +4,20 @@ Why: the Model Zoo multi-GPU configs hard-code ``nccl`` and ``cuda:<LOCAL_RANK>`
 CPU-only machine; here the backend and the device are config values with a GPU/CPU default, and handlers that write
 files or logs are dropped on ranks > 0 by type (no fragile list slicing).
 
-Typical use in a multi-GPU override file::
+Two ways to make a trainer data-parallel, both used by the bundles' ``multi_gpu_train.json``:
+
+* ``"train#trainer#network": {"_target_": "common.distributed.DistributedNetwork", "module": "@network", ...}``: DDP
+  around the network the trainer steps (the stage's own ``network``, so one override serves every stage); extra entry
+  points such as ``forward_train`` are routed through DDP's forward. Savers keep plain ``network_def`` keys.
+* ``"$common.distributed.average_gradients_on_step()"`` in ``initialize`` plus ``SyncStatesAtStart`` in the handlers:
+  for trainers with several networks, alternating optimizers or custom network methods that DDP cannot see.
+
+Common to both::
 
     "dist_backend": "$common.distributed.default_backend()",
     "device": "$common.distributed.local_device()",
-    "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)",
-                "device_ids": "$common.distributed.device_ids(@device)"},
     "train#trainer#train_handlers": "$common.distributed.rank0_handlers(@train#handlers)",
-    "initialize": ["$common.distributed.init_process_group(@dist_backend, @device)", ...],
+    "initialize": ["$common.distributed.init_process_group(@dist_backend, @device)", <the bundle's own steps>],
     "finalize": ["$common.distributed.destroy_process_group()"]
 """
 

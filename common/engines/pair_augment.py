@@ -110,14 +110,15 @@ def transform_target(
 def affine_pair_augment(
     fixed: torch.Tensor,
     moving: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | None,
     strengths: Sequence[float] = (0.075, 0.05),
     label_transform: str = "ref",
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Augment a batch: ``fixed``/``moving`` ``[B, C, *S]``, ``target`` ``[B, D, *coarse]`` -> augmented copies.
 
     One pair of random matrices per item, drawn from ``generator``; images are resampled linearly, zeros outside.
+    ``target=None`` augments the images only (metric supervision).
     """
     shape = tuple(fixed.shape[2:])
     out_f, out_m, out_t = [], [], []
@@ -125,5 +126,6 @@ def affine_pair_augment(
         a1, a2 = random_affine_pair(strengths, generator)
         out_f.append(fields.warp(fixed[b : b + 1], _ddf(voxel_affine(a1, shape), shape, fixed), padding_mode="zeros"))
         out_m.append(fields.warp(moving[b : b + 1], _ddf(voxel_affine(a2, shape), shape, moving), padding_mode="zeros"))
-        out_t.append(transform_target(target[b : b + 1], a1, a2, shape, label_transform))
-    return torch.cat(out_f), torch.cat(out_m), torch.cat(out_t)
+        if target is not None:
+            out_t.append(transform_target(target[b : b + 1], a1, a2, shape, label_transform))
+    return torch.cat(out_f), torch.cat(out_m), torch.cat(out_t) if out_t else None

@@ -287,11 +287,10 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             if self.clamp_train_inputs:
                 fixed, moving = network.clamp(fixed), network.clamp(moving)
             pred = network.predict(moving, fixed, grid)
-            loss = endpoint_error(pred, target, self.target_factor, self.loss_crop, self.loss_weight)
+            loss = self.loss_function(pred, target, self.target_factor, self.loss_crop, self.loss_weight)
             return loss, pred
         if self.augment:
-            zeros = fixed.new_zeros(fixed.shape[0], fixed.ndim - 2, *grid)
-            fixed, moving, _ = affine_pair_augment(fixed, moving, zeros, self.aug_strengths, "exact")
+            fixed, moving, _ = affine_pair_augment(fixed, moving, None, self.aug_strengths)
         fixed, moving = network.clamp(fixed), network.clamp(moving)
         pred = network.predict(moving, fixed, grid)
         warped = fields.warp(moving, rescale_field(pred, fixed.shape[2:]))

@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 MODES = ("translation", "rigid", "similarity", "affine")
-INITS = ("identity", "com", "moments")
+INITS = ("identity", "com", "moments", "search")
+SEARCH_RANGE = 0.2  # init="search": translations up to this fraction of the field of view along each free axis
 
 
 @dataclass
@@ -336,6 +337,24 @@ def _moment_candidates(
         candidate[:, free, dims] = shift[:, free]
         # improper sign choices (reflections) fall back to the centre-of-mass transform
         candidates.append(torch.where(proper.view(-1, 1, 1), candidate, base))
+    return candidates
+
+
+def _translation_candidates(batch: int, free: Sequence[int], normaliser: torch.Tensor) -> list[torch.Tensor]:
+    """Normalised translations on a grid over +-``SEARCH_RANGE`` of the field of view (7 steps per free axis in 2D
+    motion, 5 in 3D), identity included."""
+    dims = normaliser.shape[0] - 1
+    steps = 7 if len(free) <= 2 else 5
+    offsets = torch.linspace(-1.0, 1.0, steps, dtype=normaliser.dtype, device=normaliser.device)
+    # the field of view spans 2 * (half extent of that axis) normalised units
+    half = normaliser[:dims, :dims].diagonal() * torch.tensor(
+        [0.0] * dims, dtype=normaliser.dtype, device=normaliser.device
+    )
+    candidates = []
+    for shift in torch.cartesian_prod(*[offsets] * len(free)).reshape(-1, len(free)):
+        candidate = torch.eye(dims + 1, dtype=normaliser.dtype, device=normaliser.device).repeat(batch, 1, 1)
+        candidate[:, free, dims] = shift * SEARCH_RANGE * 2.0 * half[free]
+        candidates.append(candidate)
     return candidates
 
 

@@ -26,7 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common.distributed import DistributedNetwork, DistributedSubsetSampler, rank0_handlers
+from common.distributed import (
+    DistributedNetwork,
+    DistributedSubsetSampler,
+    SyncStatesAtStart,
+    average_gradients_on_step,
+    destroy_process_group,
+    rank0_handlers,
+)
 from tests.bundles.harness import run_workflow
 from tests.delivery.bundles import (
     PYTHON,
@@ -110,12 +117,22 @@ def _worker(rank: int, init_file: str, results: Any) -> None:
         net.forward_train(x).sum().backward()
         handlers = [StatsHandler(), ValidationHandler(), ModelWeightsSaver()]
         kept = [type(h).__name__ for h in rank0_handlers(handlers, extra=["ModelWeightsSaver"])]
-        results[rank] = (net.module.lin.weight.grad.clone(), net.helper(), kept, sorted(net.state_dict())[0])
+        # no wrapper: gradients averaged when the optimizer steps; rank 0's states copied at engine start
+        plain = _Twin()
+        plain.register_buffer("marker", torch.tensor([float(rank + 7)]))
+        plain.lin.weight.data += rank  # a rank-dependent start that SyncStatesAtStart must undo
+        SyncStatesAtStart([plain])(None)
+        average_gradients_on_step()
+        optimizer = torch.optim.SGD(plain.parameters(), lr=1.0)
+        plain.forward_train(x).sum().backward()
+        optimizer.step()
+        stepped = (plain.lin.weight.detach().clone(), float(plain.marker))
+        results[rank] = (net.module.lin.weight.grad.clone(), net.helper(), kept, sorted(net.state_dict())[0], stepped)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
-def test_distributed_network_all_reduces_routed_entry_points() -> None:
+def test_gradient_sync_routed_ddp_and_optimizer_hook() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.get_context("fork").Manager()
         results = manager.dict()
@@ -125,8 +142,10 @@ def test_distributed_network_all_reduces_routed_entry_points() -> None:
     x0 = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     expected = (2 * x0.sum(0) + 2 * (x0 + 10).sum(0)) / 2
     for rank in (0, 1):
-        grad, helper, kept, first_key = results[rank]
+        grad, helper, kept, first_key, (weight, marker) = results[rank]
         torch.testing.assert_close(grad, expected[None])
+        torch.testing.assert_close(weight, 0.5 - expected[None])  # SGD lr 1 from rank 0's 0.5 with the mean gradient
+        assert marker == 7.0
         assert helper == "module attribute"
         assert first_key == "module.lin.weight"  # the wrapper's own keys; savers unwrap them
     assert results[0][2] == ["StatsHandler", "ValidationHandler", "ModelWeightsSaver"]
