@@ -59,6 +59,12 @@ PIP_NAMES = {
     "sklearn": "scikit-learn",
     "yaml": "pyyaml",
 }
+# MONAI components named in configs whose optional dependency MONAI imports lazily (missing -> error at run time).
+CONFIG_COMPONENT_PACKAGES = {
+    "TensorBoardStatsHandler": "tensorboard",
+    "TensorBoardImageHandler": "tensorboard",
+    "MLFlowHandler": "mlflow",
+}
 ALWAYS_AVAILABLE = {"monai", "torch", "numpy"}  # MONAI itself and the versions metadata.json pins explicitly
 _DOTTED = re.compile(rf"(?<![\w.]){PACKAGE}(?:\.[A-Za-z_]\w*)*")
 
@@ -176,7 +182,7 @@ def _bundle_python_files(bundle_dir: Path) -> list[Path]:
 
 
 def common_modules_needed(bundle_dir: str | Path, source_root: str | Path | None = None) -> tuple[list[str], set[str]]:
-    """Sorted ``common`` modules the bundle reaches, and the top-level third-party names they import.
+    """Sorted ``common`` modules the bundle reaches, and the third-party packages its code and configs need.
 
     Seeds: every dotted ``common...`` name in the configs (``$import common.x``, ``_target_: common.x.Cls``,
     ``$common.x.fn(...)``) and every ``common`` import in the bundle's own Python files; then the closure over the
@@ -190,6 +196,7 @@ def common_modules_needed(bundle_dir: str | Path, source_root: str | Path | None
         if config.suffix in (".json", ".yaml", ".yml"):
             for text in _config_strings(_load_config(config)):
                 seeds.update(_DOTTED.findall(text))
+                third_party.update(pkg for name, pkg in CONFIG_COMPONENT_PACKAGES.items() if name in text)
     for py in _bundle_python_files(bundle_dir):
         found, top = _python_imports(py.read_text(), None, False)
         seeds |= found
@@ -285,7 +292,7 @@ def build_archive(bundle_dir: str | Path, out_dir: str | Path, strict_requiremen
     missing = _missing_requirements(third_party, metadata)
     if strict_requirements and missing:
         raise ValueError(
-            f"{name}: packaged code imports {missing}, which {meta_file} does not list in "
+            f"{name}: packaged code or configs need {missing}, which {meta_file} does not list in "
             "required_packages_version; add them with their versions"
         )
     out_dir = Path(out_dir)
@@ -379,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if result.missing_requirements:
                     print(
                         f"WARNING {bundle_dir}: metadata.json required_packages_version lacks "
-                        f"{result.missing_requirements} imported by the packaged code",
+                        f"{result.missing_requirements} needed by the packaged code or configs",
                         file=sys.stderr,
                     )
     except (ArchiveIntegrityError, FileNotFoundError, ValueError) as error:

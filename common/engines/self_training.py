@@ -27,7 +27,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,11 @@ from monai.utils import CommonKeys as Keys
 from torch.utils.data import Dataset
 
 from common.engines.pair_augment import affine_pair_augment
-from common.engines.pseudo_labels import PseudoLabelBank, endpoint_error, pair_difficulty
+from common.engines.pseudo_labels import PrealignmentStore, PseudoLabelBank, endpoint_error, pair_difficulty
 from common.engines.registration_eval import pair_metrics
 from common.io import atomic_json_dump, atomic_torch_save
 from common.registration import fields
+from common.registration.affine import affine_ddf
 from common.registration.convex import rescale_field
 from common.registration.cst_pipeline import CSTRegistrationNet, register_pair
 from common.registration.instance_opt import diffusion_regulariser
@@ -64,10 +65,19 @@ class ImagePairDataset(Dataset):
 
     Item ``k`` is ``{"moving_image", "fixed_image", "pair_index": k}`` plus ``moving_label``/``fixed_label`` when the
     images carry ``label_key``. ``pairs`` are ``(moving, fixed)`` indices (``common.data.pairs`` convention).
+
+    With a ``prealignment`` store (affine pre-alignment), the moving image (linear) and label (nearest neighbour) of
+    each item are resampled by the pair's stored affine matrix, so both the pseudo-label and the learning stream see
+    the aligned pair; :meth:`compute_prealignment` must have filled the store first.
     """
 
     def __init__(
-        self, dataset: Any, pairs: Sequence[Sequence[int]], image_key: str = "image", label_key: str = "label"
+        self,
+        dataset: Any,
+        pairs: Sequence[Sequence[int]],
+        image_key: str = "image",
+        label_key: str = "label",
+        prealignment: PrealignmentStore | None = None,
     ) -> None:
         n = len(dataset)
         bad = [p for p in pairs if not (0 <= p[0] < n and 0 <= p[1] < n)]
@@ -75,6 +85,21 @@ class ImagePairDataset(Dataset):
             raise ValueError(f"pairs {bad[:5]} index outside the {n} images")
         self.dataset, self.pairs = dataset, [tuple(int(i) for i in p) for p in pairs]
         self.image_key, self.label_key = image_key, label_key
+        self.prealignment = prealignment
+
+    def compute_prealignment(self, fit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device=None) -> int:
+        """Fill the store: ``fit(moving [1, 1, *S], fixed [1, 1, *S]) -> matrix [1, D, D+1]`` for every pair whose
+        matrix is missing (a resumed run computes only those). Returns the number of pairs computed."""
+        if self.prealignment is None:
+            raise ValueError("compute_prealignment needs a PrealignmentStore (ImagePairDataset(prealignment=...))")
+        computed = 0
+        for k, pair in enumerate(self.pairs):
+            if self.prealignment.get(k, pair) is not None:
+                continue
+            moving, fixed = (_plain(self.dataset[i][self.image_key])[None].to(device, torch.float32) for i in pair)
+            self.prealignment.put(k, pair, fit(moving, fixed)[0])
+            computed += 1
+        return computed
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -85,6 +110,15 @@ class ImagePairDataset(Dataset):
         item = {"moving_image": moving[self.image_key], "fixed_image": fixed[self.image_key], "pair_index": index}
         if self.label_key in moving and self.label_key in fixed:
             item["moving_label"], item["fixed_label"] = moving[self.label_key], fixed[self.label_key]
+        if self.prealignment is not None:
+            matrix = self.prealignment.get(index, self.pairs[index])
+            if matrix is None:
+                raise RuntimeError(f"pair {index} {self.pairs[index]} has no pre-alignment: call compute_prealignment")
+            image = _plain(item["moving_image"]).float()
+            ddf = affine_ddf(matrix, image.shape[1:])
+            item["moving_image"] = fields.warp(image[None], ddf)[0]
+            if "moving_label" in item:
+                item["moving_label"] = fields.warp_labels(_plain(item["moving_label"])[None], ddf)[0]
         return item
 
 
@@ -106,6 +140,10 @@ def random_init_copy(network: CSTRegistrationNet, seed: int) -> CSTRegistrationN
 
 class CyclicalSelfTrainer(SupervisedTrainer):
     """Trainer of cyclical self-training; a MONAI ``SupervisedTrainer`` so bundle handlers and MLflow work unchanged.
+
+    Affine pre-alignment: when ``network.affine_prealign`` is set, ``pair_dataset`` must carry a ``PrealignmentStore``;
+    the matrices are computed when the run starts (missing pairs only) and both streams work on the aligned pairs, so
+    pseudo labels and predictions are residual fields after the affine step.
 
     Args (beyond ``SupervisedTrainer``'s ``device``, ``max_epochs`` (= stages), ``train_data_loader``, ``network``,
     ``optimizer``, ``epoch_length``, ``train_handlers``, ``amp``, ``key_train_metric``):
@@ -211,8 +249,21 @@ class CyclicalSelfTrainer(SupervisedTrainer):
         self.optimizer_reset_stages = int(optimizer_reset_stages)
         self.stage_dir = None if stage_dir is None else Path(stage_dir)
         self.labels = None if labels is None else {int(k): v for k, v in labels.items() if int(k) != 0}
+        if network.affine_prealign != (getattr(self.pair_dataset, "prealignment", None) is not None):
+            raise ValueError(
+                "affine_prealign is set on the network but the pair dataset has no PrealignmentStore (or the reverse): "
+                "pass both or neither (config ids affine_prealign and train#pair_dataset#prealignment)"
+            )
+        if network.affine_prealign:
+            self.add_event_handler(Events.STARTED, self._prealign_pairs)
         self.add_event_handler(Events.EPOCH_STARTED, self._start_stage)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._save_stage)
+
+    def _prealign_pairs(self, engine: SupervisedTrainer) -> None:
+        """Affine pre-alignment of every training pair, once (stored matrices are reused after a restart)."""
+        start = time.perf_counter()
+        computed = self.pair_dataset.compute_prealignment(self.network.prealign, engine.state.device)
+        logger.info("affine pre-alignment: %d pair(s) computed in %.1f s", computed, time.perf_counter() - start)
 
     # -- stage boundaries --------------------------------------------------------------------------------------------
 

@@ -14,7 +14,9 @@ to skip finished stages):
   "Reg." row (atlas labels warped by the SST flow).
 
 Images enter every network in [-1, 1] (volumes are preprocessed to [0, 1] and mapped by 2x - 1); generated images
-are stored in [0, 1]. Fields are voxel displacements (``common.registration.fields``).
+are stored in [0, 1]. Fields are voxel displacements (``common.registration.fields``). The atlas / pool preparation,
+the optional affine pre-alignment and the random pair / flow datasets live in :mod:`common.engines.sst_data`
+(re-exported here for the configs).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SSTData",
     "prepare_sst_data",
+    "align_to_atlas",
+    "to_subject_grid",
     "RandomPairDataset",
     "FlowDataset",
     "color_jitter",

@@ -341,19 +341,16 @@ def _moment_candidates(
 
 
 def _translation_candidates(batch: int, free: Sequence[int], normaliser: torch.Tensor) -> list[torch.Tensor]:
-    """Normalised translations on a grid over +-``SEARCH_RANGE`` of the field of view (7 steps per free axis in 2D
-    motion, 5 in 3D), identity included."""
+    """Normalised translations on a grid over +-``SEARCH_RANGE`` of the field of view along each free axis (7 steps
+    per axis for in-plane motion, 5 in 3D), identity included."""
     dims = normaliser.shape[0] - 1
     steps = 7 if len(free) <= 2 else 5
-    offsets = torch.linspace(-1.0, 1.0, steps, dtype=normaliser.dtype, device=normaliser.device)
-    # the field of view spans 2 * (half extent of that axis) normalised units
-    half = normaliser[:dims, :dims].diagonal() * torch.tensor(
-        [0.0] * dims, dtype=normaliser.dtype, device=normaliser.device
-    )
+    offsets = torch.linspace(-SEARCH_RANGE, SEARCH_RANGE, steps, dtype=normaliser.dtype, device=normaliser.device)
+    field_of_view = -2.0 * normaliser[:dims, dims]  # the normaliser maps voxel 0 to -field_of_view / 2
     candidates = []
     for shift in torch.cartesian_prod(*[offsets] * len(free)).reshape(-1, len(free)):
         candidate = torch.eye(dims + 1, dtype=normaliser.dtype, device=normaliser.device).repeat(batch, 1, 1)
-        candidate[:, free, dims] = shift * SEARCH_RANGE * 2.0 * half[free]
+        candidate[:, list(free), dims] = shift * field_of_view[list(free)]
         candidates.append(candidate)
     return candidates
 
@@ -387,7 +384,8 @@ def prealign(
         fixed_mask: weights ``[B or 1, 1, *shape]`` on the fixed grid restricting the similarity (e.g. a dilated atlas
             organ label) and, for ``init``, the fixed image's moments.
         init: ``"identity"``, ``"com"`` (align intensity centres of mass) or ``"moments"`` (centre of mass plus
-            principal axes; the best of the sign choices and of the plain centre-of-mass start is kept per pair).
+            principal axes; the best of the sign choices and of the plain centre-of-mass start is kept per pair) or
+            ``"search"`` (the best translation of a grid over +-20% of the field of view, at the coarsest level).
         init_matrix: a voxel matrix ``[B or 1, D, D+1]`` to start from instead (e.g. ``AffineNet.last_matrix()``);
             the result is this matrix composed with the optimised ``mode`` transform.
         frozen_axes: axes without any motion, e.g. ``(2,)`` for in-plane alignment of short-axis stacks.
@@ -469,7 +467,11 @@ def _initial_transform(
         return _to_normalised(matrix, full)
     if init == "identity":
         return torch.eye(dims + 1, dtype=full.dtype, device=full.device).repeat(batch, 1, 1)
-    candidates = _moment_candidates(fixed_n, moving_n, mask, full, mode, frozen_axes, with_axes=init == "moments")
+    if init == "search":
+        free = [axis for axis in range(dims) if axis not in frozen_axes]
+        candidates = _translation_candidates(batch, free, full)
+    else:
+        candidates = _moment_candidates(fixed_n, moving_n, mask, full, mode, frozen_axes, with_axes=init == "moments")
     if len(candidates) == 1:
         return candidates[0]
     with torch.no_grad():

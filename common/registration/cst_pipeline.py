@@ -9,6 +9,11 @@
 * :meth:`CSTRegistrationNet.predict`: the differentiable learning stream (one warp, no ICE, no clamp).
 * :func:`register_pair`: the same pipeline with the per-call options and the random-projection generator exposed, as
   the pseudo-label refresh needs them.
+* Optional affine pre-alignment (``affine_prealign``, issue 9): ``forward`` first fits an affine transform of the moving
+  image to the fixed image (:func:`common.registration.affine.prealign`, instance optimisation), runs the deformable
+  pipeline on the aligned moving image and returns affine + deformable as **one** field
+  (:func:`~common.registration.affine.compose_with_affine`), so labels are resampled once. Why: the convex optimiser
+  searches only +-2 feature voxels, which pre-aligned data (AbdomenCTCT) fits but inter-patient MR (ACDC) does not.
 
 State-dict keys are ``feature_net.<i>.*``; ``g`` itself (:class:`~common.networks.cst_features.CSTFeatureNet`, the
 bundle's ``network_def``) keeps the reference layer order.
@@ -16,14 +21,16 @@ bundle's ``network_def``) keeps the reference layer order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from common.networks.cst_features import CSTFeatureNet, random_projection
 from common.registration import fields
+from common.registration.affine import affine_ddf, compose_with_affine, prealign
 from common.registration.convex import compose_fields, convex_register
 from common.registration.instance_opt import adam_refine
 
@@ -75,6 +82,9 @@ class CSTRegistrationNet(nn.Module):
             32 channels, scale 5).
         seed: seed of the random Adam projection in ``forward`` (deterministic inference).
         amp: autocast (fp16) on CUDA; ignored on CPU, which always runs fp32.
+        affine_prealign: in ``forward``, align the moving image affinely first and return the composed field.
+        affine_kwargs: keyword arguments of :func:`common.registration.affine.prealign` (``mode``, ``frozen_axes``,
+            ``levels``, ``iterations``, ...); the images are clamped by ``intensity_clamp`` before.
     """
 
     def __init__(
@@ -100,6 +110,8 @@ class CSTRegistrationNet(nn.Module):
         adam_return_prestep: bool = True,
         seed: int = 0,
         amp: bool = True,
+        affine_prealign: bool = False,
+        affine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_warps not in (1, 2):
@@ -129,6 +141,8 @@ class CSTRegistrationNet(nn.Module):
         )
         self.seed = int(seed)
         self.amp = bool(amp)
+        self.affine_prealign = bool(affine_prealign)
+        self.affine_kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (affine_kwargs or {}).items()}
 
     # -- building blocks ---------------------------------------------------------------------------------------------
 
@@ -151,6 +165,14 @@ class CSTRegistrationNet(nn.Module):
     def optimise(self, feat_fixed, feat_moving, output_shape, use_ice: bool) -> torch.Tensor:
         """``h``: features -> voxel field on ``output_shape`` (fp32)."""
         return convex_register(feat_fixed, feat_moving, output_shape, use_ice=use_ice, **self.optimiser_kwargs).float()
+
+    def prealign(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Affine matrix ``[B, 3, 4]`` (fixed voxel -> moving voxel) of the clamped images (instance optimisation).
+
+        Runs with gradients enabled for its own parameters, also inside ``no_grad`` inference."""
+        with torch.enable_grad(), torch.autocast(device_type=fixed.device.type, enabled=False):
+            moving, fixed = self.clamp(moving.detach().float()), self.clamp(fixed.detach().float())
+            return prealign(moving, fixed, **self.affine_kwargs).matrix.detach()
 
     # -- the two streams ---------------------------------------------------------------------------------------------
 
@@ -190,10 +212,17 @@ class CSTRegistrationNet(nn.Module):
         if pair.shape[1] != 2:
             raise ValueError(f"expected a (moving, fixed) pair with 2 channels, got shape {tuple(pair.shape)}")
         pair = pair.as_tensor() if hasattr(pair, "as_tensor") else pair
+        moving, fixed = pair[:, :1], pair[:, 1:]
+        matrix = None
+        if self.affine_prealign:
+            matrix = self.prealign(moving, fixed)
+            moving = fields.warp(moving, affine_ddf(matrix, fixed.shape[2:]).to(moving.dtype))
         if not self.adam_kwargs["use_adam"]:
-            return self.register(pair[:, :1], pair[:, 1:]).ddf
-        generator = torch.Generator().manual_seed(self.seed)
-        return register_pair(self, pair[:, :1], pair[:, 1:], generator=generator, **self.adam_kwargs).ddf
+            ddf = self.register(moving, fixed).ddf
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            ddf = register_pair(self, moving, fixed, generator=generator, **self.adam_kwargs).ddf
+        return ddf if matrix is None else compose_with_affine(matrix, ddf)
 
 
 def register_pair(

@@ -44,7 +44,20 @@ VARIANTS = {
     "affine 3D, whole image": {"mode": "affine", **COMMON},
     "affine in-plane, whole image": {"mode": "affine", "frozen_axes": (2,), **COMMON},
     "affine in-plane, dilated atlas heart": {"mode": "affine", "frozen_axes": (2,), "focus": True, **COMMON},
-    "similarity in-plane, dilated atlas heart": {"mode": "similarity", "frozen_axes": (2,), "focus": True, **COMMON},
+    "affine in-plane, dilated atlas heart, search init": {
+        "mode": "affine",
+        "frozen_axes": (2,),
+        "focus": True,
+        "init": "search",
+        **COMMON,
+    },
+    "similarity in-plane, dilated atlas heart, search init": {
+        "mode": "similarity",
+        "frozen_axes": (2,),
+        "focus": True,
+        "init": "search",
+        **COMMON,
+    },
 }
 
 

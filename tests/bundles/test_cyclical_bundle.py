@@ -42,3 +42,28 @@ class TestCyclicalBundle(make_bundle_tests(CASE)):
         segs = sorted(Path(overrides["output_dir"]).glob("*_seg.nii.gz"))
         assert len(segs) == 2, segs
         assert all(nib.load(str(p)).get_fdata().max() > 0 for p in segs)
+
+    def test_affine_prealign_train_and_infer(self, workspace):
+        """``--affine_prealign True``: one matrix file per training pair beside the bank, and inference / atlas
+        segmentation through the composed affine + deformable field, written on the inputs' grids."""
+        fast = {"affine_prealign": True, "affine_levels": [2, 1], "affine_iterations": [5, 5]}
+        ckpt = str(workspace["tmp"] / "affine_models")
+        train = {**CASE.train_overrides, "num_stages": 1, "iterations_per_stage": 1, **fast, "ckpt_dir": ckpt}
+        assert not run_workflow(
+            CASE.bundle_root, ["configs/train.json"], "train", self._overrides(workspace, "affine_train", train)
+        )
+        matrices = sorted((Path(ckpt) / "prealignment").glob("affine_*.pt"))
+        assert len(matrices) == 3, matrices  # 3 training volumes -> 3 pairs
+        infer = {**fast, "ckpt_dir": ckpt}
+        overrides = self._overrides(workspace, "affine_infer", infer)
+        assert not run_workflow(CASE.bundle_root, ["configs/inference.json"], "infer", overrides)
+        assert len(sorted(Path(overrides["output_dir"]).glob("*_warped_label.nii.gz"))) == 1
+        overrides = self._overrides(workspace, "affine_atlas", infer)
+        files = ["configs/inference.json", "configs/inference_atlas.json"]
+        assert not run_workflow(CASE.bundle_root, files, "infer", overrides)
+        segs = sorted(Path(overrides["output_dir"]).glob("*_seg.nii.gz"))
+        tests = json.loads(workspace["datalist"].read_text())["test"]
+        assert [p.name for p in segs] == sorted(Path(e["image"]).name.replace(".nii.gz", "_seg.nii.gz") for e in tests)
+        for seg, entry in zip(segs, sorted(tests, key=lambda e: e["image"])):
+            source = nib.load(str(workspace["data_dir"] / entry["image"]))
+            assert nib.load(str(seg)).shape == source.shape and nib.load(str(seg)).get_fdata().max() > 0

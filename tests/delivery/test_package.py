@@ -42,12 +42,14 @@ def test_common_modules_needed_follows_configs_scripts_and_imports(tmp_path: Pat
         bundle / "configs" / "train.json",
         json.dumps({"imports": ["$import common"], "net": {"_target_": "common.a.b.Net"}}),
     )
-    _write(bundle / "configs" / "inference.json", json.dumps({"x": "$common.f.thing(1)"}))
+    _write(
+        bundle / "configs" / "inference.json", json.dumps({"x": "$common.f.thing(1)", "h": ["TensorBoardStatsHandler"]})
+    )
     _write(bundle / "scripts" / "glue.py", "import importlib\nmod = importlib.import_module('common.e')\n")
     modules, third_party = common_modules_needed(bundle, source_root=src)
     # configs: common, common.a.b (+ its parent common.a), common.f; scripts: common.e (string); b -> ..c; e -> c
     assert modules == ["common", "common.a", "common.a.b", "common.c", "common.e", "common.f"]
-    assert {"numpy", "scipy", "importlib", "json"} <= third_party
+    assert {"numpy", "scipy", "importlib", "json", "tensorboard"} <= third_party
 
 
 @pytest.fixture()

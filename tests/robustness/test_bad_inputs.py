@@ -332,8 +332,8 @@ IMAGE_CASES = [
     "image_nan",
     "image_inf",
 ]
-# bundles that still lack the changes every bundle needs (global_local and sst have applied them all)
-PENDING_BUNDLES = (CLMORPH, CYCLICAL)
+# bundles that still lack the changes every bundle needs (global_local, sst and cyclical have applied them all)
+PENDING_BUNDLES = (CLMORPH,)
 PENDING: dict[tuple[str, str, str], str] = {
     # inference lists are loaded with validate=False, so unreadable/bad images reach LoadImaged or the network
     **{(b, c, "infer"): "infer-validate" for b in PENDING_BUNDLES for c in IMAGE_CASES},
@@ -345,7 +345,6 @@ PENDING: dict[tuple[str, str, str], str] = {
     # SaveImaged silently replaces earlier predictions
     **{(b, "rerun_over_previous_results", "infer"): "output-dir" for b in PENDING_BUNDLES},
     (CLMORPH, "single_volume", "train"): "cli-check",  # ZeroDivisionError inside torch's RandomSampler
-    (CYCLICAL, "single_volume", "train"): "cli-check",  # "invalid multinomial distribution" inside torch
     (
         CLMORPH,
         "atlas_image_without_label",

@@ -261,6 +261,16 @@ def test_moments_init_resolves_large_rotation():
     assert float(_displacement_error(refined.matrix, true).mean()) < 0.5
 
 
+def test_search_init_finds_a_shift_beyond_the_gradient_reach():
+    fixed = _blob_2d((15, 14), (1.5, 2)) + 0.5 * _blob_2d((18, 10), (1, 1))
+    moving = np.roll(fixed, (7, -6), axis=(0, 1))  # about 20% of the field of view; blobs do not overlap
+    kwargs = {"mode": "translation", "levels": (2, 1), "iterations": (30, 10)}
+    searched = prealign(_t(moving), _t(fixed), init="search", **kwargs).matrix[0, :, 2]
+    torch.testing.assert_close(searched, torch.tensor([7.0, -6.0]), atol=0.3, rtol=0)
+    plain = prealign(_t(moving), _t(fixed), **kwargs).matrix[0, :, 2]
+    assert float((plain - torch.tensor([7.0, -6.0])).abs().max()) > 2.0  # why the search exists
+
+
 def test_fixed_mask_focuses_on_the_masked_object():
     """Two objects move in opposite directions; the mask on one decides which motion is recovered."""
     left, right = _blob_2d((9, 10), (3, 4)), _blob_2d((22, 20), (4, 3))

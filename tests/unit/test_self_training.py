@@ -14,6 +14,7 @@ from common.engines.checkpoint import ResumableCheckpointHandler
 from common.engines.pair_augment import affine_pair_augment, random_affine_pair, transform_target, voxel_affine
 from common.engines.pseudo_labels import (
     AgreementSampler,
+    PrealignmentStore,
     PseudoLabelBank,
     agreement_weights,
     endpoint_error,
@@ -256,3 +257,42 @@ def test_metric_supervision_baselines_train_the_same_network(tmp_path, supervisi
     assert torch.isfinite(trainer.state.output["loss"])
     assert not torch.equal(before, network.feature_net[0].weight)
     assert trainer.bank.stage == -1  # no pseudo labels
+
+
+# -- affine pre-alignment store ---------------------------------------------------------------------------------------
+
+
+def test_prealignment_is_computed_once_per_pair_stored_atomically_and_applied_to_moving_image_and_label(tmp_path):
+    shape = (8, 8, 8)
+    volumes = [
+        {
+            "image": torch.rand(1, *shape, generator=torch.Generator().manual_seed(i)),
+            "label": torch.randint(0, 3, (1, *shape)),
+        }
+        for i in range(3)
+    ]
+    pairs = l2r_pairs(3)
+    shift = torch.tensor([[[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, -1.0], [0.0, 0.0, 1.0, 0.0]]])  # integer shift
+    calls = []
+
+    def fit(moving, fixed):
+        calls.append((moving.shape, fixed.shape))
+        return shift
+
+    store = PrealignmentStore(len(pairs), tmp_path / "prealignment")
+    dataset = ImagePairDataset(volumes, pairs, prealignment=store)
+    with pytest.raises(RuntimeError, match="no pre-alignment"):
+        dataset[0]
+    assert dataset.compute_prealignment(fit) == len(pairs) == len(calls)
+    assert sorted(p.name for p in (tmp_path / "prealignment").iterdir()) == [f"affine_{k:05d}.pt" for k in range(3)]
+    # a restarted run (new store object, same folder) reuses the matrices
+    again = ImagePairDataset(volumes, pairs, prealignment=PrealignmentStore(len(pairs), tmp_path / "prealignment"))
+    assert again.compute_prealignment(fit) == 0 and len(calls) == len(pairs)
+    item = again[1]
+    moving_index = pairs[1][0]
+    # warped(p) = moving(p + (1, -1, 0)) on the interior, for the image (linear) and the label (nearest)
+    torch.testing.assert_close(item["moving_image"][0, :-1, 1:], volumes[moving_index]["image"][0, 1:, :-1])
+    assert torch.equal(item["moving_label"][0, :-1, 1:], volumes[moving_index]["label"][0, 1:, :-1])
+    assert torch.equal(item["fixed_image"], volumes[pairs[1][1]]["image"])
+    # a folder written for other pairs does not count
+    assert PrealignmentStore(len(pairs), tmp_path / "prealignment").get(0, (0, 1)) is None
