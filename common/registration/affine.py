@@ -20,6 +20,7 @@ stack, the same 2D transform for every slice).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ __all__ = [
 MODES = ("translation", "rigid", "similarity", "affine")
 INITS = ("identity", "com", "moments", "search")
 SEARCH_RANGE = 0.2  # init="search": translations up to this fraction of the field of view along each free axis
+SEARCH_ANGLES = (-60.0, -30.0, 0.0, 30.0, 60.0)  # init="search": in-plane rotations tried (two free axes only)
 
 
 @dataclass
@@ -340,18 +342,32 @@ def _moment_candidates(
     return candidates
 
 
-def _translation_candidates(batch: int, free: Sequence[int], normaliser: torch.Tensor) -> list[torch.Tensor]:
-    """Normalised translations on a grid over +-``SEARCH_RANGE`` of the field of view along each free axis (7 steps
-    per axis for in-plane motion, 5 in 3D), identity included."""
+def _search_candidates(
+    centre: torch.Tensor, free: Sequence[int], normaliser: torch.Tensor, mode: str
+) -> list[torch.Tensor]:
+    """Normalised starts on a grid: translations over +-``SEARCH_RANGE`` of the field of view (5 steps per free axis)
+    and, for planar motion (two free axes, mode other than translation), rotations by ``SEARCH_ANGLES`` degrees about
+    ``centre`` ``[B, D]`` (normalised frame; the fixed mask's centroid, so that a focused organ turns in place)."""
+    batch = centre.shape[0]
     dims = normaliser.shape[0] - 1
-    steps = 7 if len(free) <= 2 else 5
-    offsets = torch.linspace(-SEARCH_RANGE, SEARCH_RANGE, steps, dtype=normaliser.dtype, device=normaliser.device)
+    free = list(free)
+    offsets = torch.linspace(-SEARCH_RANGE, SEARCH_RANGE, 5, dtype=normaliser.dtype, device=normaliser.device)
     field_of_view = -2.0 * normaliser[:dims, dims]  # the normaliser maps voxel 0 to -field_of_view / 2
+    angles = SEARCH_ANGLES if len(free) == 2 and mode != "translation" else (0.0,)
     candidates = []
-    for shift in torch.cartesian_prod(*[offsets] * len(free)).reshape(-1, len(free)):
-        candidate = torch.eye(dims + 1, dtype=normaliser.dtype, device=normaliser.device).repeat(batch, 1, 1)
-        candidate[:, list(free), dims] = shift * field_of_view[list(free)]
-        candidates.append(candidate)
+    for angle in angles:
+        rotation = torch.eye(dims + 1, dtype=normaliser.dtype, device=normaliser.device)
+        cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        if len(free) == 2:
+            i, j = free
+            rotation[i, i], rotation[i, j], rotation[j, i], rotation[j, j] = cos, -sin, sin, cos
+        # x -> R (x - c) + c + shift
+        turned = rotation.repeat(batch, 1, 1)
+        turned[:, :dims, dims] = centre - (rotation[:dims, :dims] @ centre.unsqueeze(-1)).squeeze(-1)
+        for shift in torch.cartesian_prod(*[offsets] * len(free)).reshape(-1, len(free)):
+            candidate = turned.clone()
+            candidate[:, free, dims] += shift * field_of_view[free]
+            candidates.append(candidate)
     return candidates
 
 
@@ -385,7 +401,8 @@ def prealign(
             organ label) and, for ``init``, the fixed image's moments.
         init: ``"identity"``, ``"com"`` (align intensity centres of mass) or ``"moments"`` (centre of mass plus
             principal axes; the best of the sign choices and of the plain centre-of-mass start is kept per pair) or
-            ``"search"`` (the best translation of a grid over +-20% of the field of view, at the coarsest level).
+            ``"search"`` (the best start of a grid of translations over +-20% of the field of view and, for planar
+            motion, rotations over +-60 degrees, scored at the coarsest level).
         init_matrix: a voxel matrix ``[B or 1, D, D+1]`` to start from instead (e.g. ``AffineNet.last_matrix()``);
             the result is this matrix composed with the optimised ``mode`` transform.
         frozen_axes: axes without any motion, e.g. ``(2,)`` for in-plane alignment of short-axis stacks.
@@ -469,7 +486,11 @@ def _initial_transform(
         return torch.eye(dims + 1, dtype=full.dtype, device=full.device).repeat(batch, 1, 1)
     if init == "search":
         free = [axis for axis in range(dims) if axis not in frozen_axes]
-        candidates = _translation_candidates(batch, free, full)
+        if mask is None:
+            centre = torch.zeros(batch, dims, dtype=full.dtype, device=full.device)
+        else:
+            centre = _moments(mask.expand(batch, *mask.shape[1:]), None, full)[0]
+        candidates = _search_candidates(centre, free, full, mode)
     else:
         candidates = _moment_candidates(fixed_n, moving_n, mask, full, mode, frozen_axes, with_axes=init == "moments")
     if len(candidates) == 1:
