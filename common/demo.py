@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     run_bundle(
         ["configs/inference.json", "configs/quick.json"],
         "infer",
-        {**common, "output_dir": str(out / "inference"), "save_png": True},
+        {**common, "output_dir": str(out / "inference"), "save_png": True, "overwrite": True},
     )
 
     labels = {int(k): v for k, v in read_datalist_json(datalist)["labels"].items() if int(k) != 0}

@@ -7,7 +7,9 @@ One iteration::
 
 It is a MONAI ``SupervisedTrainer`` (bundle properties, handlers, MLflow and FL tooling keep working); only
 ``_iteration`` differs, because the network sees an image pair and the loss needs several network outputs. The
-state output holds the total loss under ``"loss"`` (for ``StatsHandler``) and each term under its own key.
+state output is decollated like MONAI's: a list with one dict per pair of the batch, each holding its two images and
+the batch's total loss under ``"loss"`` and each term under its own key, so MONAI's default handler settings
+(``from_engine(["loss"], first=True)``, e.g. ``--tracking mlflow``) read it unchanged.
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ class RegistrationTrainer(SupervisedTrainer):
     def __init__(
         self, *args: Any, moving_key: str = "moving", fixed_key: str = "fixed", target_momentum: float = 0.99, **kwargs
     ) -> None:
-        kwargs.setdefault("decollate", False)  # the output is a dict of losses and images, not per-item predictions
+        kwargs.setdefault("decollate", False)  # `_iteration` decollates itself (the losses are per batch)
         super().__init__(*args, **kwargs)
         self.moving_key, self.fixed_key, self.target_momentum = moving_key, fixed_key, float(target_momentum)
 
-    def _iteration(self, engine: RegistrationTrainer, batchdata: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _iteration(self, engine: RegistrationTrainer, batchdata: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         kwargs = {"device": engine.state.device, "non_blocking": engine.non_blocking}
@@ -81,7 +83,10 @@ class RegistrationTrainer(SupervisedTrainer):
         update_target = getattr(engine.network, "update_target", None)
         if callable(update_target):
             update_target(self.target_momentum)
-        engine.state.output.update({k: terms[k].detach() for k in LOSS_TERMS if k in terms})
+        losses = {k: terms[k].detach() for k in LOSS_TERMS if k in terms}
+        engine.state.output = [
+            {self.moving_key: m, self.fixed_key: f, **losses} for m, f in zip(moving, fixed, strict=True)
+        ]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -51,6 +51,7 @@ VARIANTS = {
         "init": "search",
         **COMMON,
     },
+    "similarity in-plane, dilated atlas heart": {"mode": "similarity", "frozen_axes": (2,), "focus": True, **COMMON},
     "similarity in-plane, dilated atlas heart, search init": {
         "mode": "similarity",
         "frozen_axes": (2,),

@@ -11,8 +11,8 @@ Runs the bundle's stage configs in-process (``common.engines.sst.run_stages``) a
 to the atlas) and trains S2 for ``PREALIGN_JOINT_ITERATIONS``; ``--skip-ablation`` runs the full SST variant only.
 
 Split of the 80 shared patients (the 20 hidden holdout patients are not available here): test = patient number
-% 5 == 1 (16 patients), validation (U-Net model selection, as in the paper) = the first 4 with % 5 == 2, training
-pool = the other 60; both annotated frames (ED, ES) of a patient stay in the same split.
+% 5 == 1 (20 patients of the copy here), validation (U-Net model selection, as in the paper) = the first 4 with
+% 5 == 2, training pool = the other 56; both annotated frames (ED, ES) of a patient stay in the same split.
 """
 
 from __future__ import annotations

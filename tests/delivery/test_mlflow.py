@@ -25,7 +25,6 @@ from tests.delivery.tiny_bundle import write_tiny_bundle
 mlflow = pytest.importorskip("mlflow")
 
 DICT_OUTPUT_TRAINERS = {
-    "clmorph_brain_mri_registration": "common.engines.clmorph.RegistrationTrainer",
     "cyclical_self_training_abdomen_ct_registration": "common.engines.self_training.CyclicalSelfTrainer",
     "sst_brain_mri_one_shot_segmentation": "common.engines.sst.RegistrationPretrainTrainer",
 }

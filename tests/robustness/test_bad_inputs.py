@@ -332,25 +332,9 @@ IMAGE_CASES = [
     "image_nan",
     "image_inf",
 ]
-# bundles that still lack the changes every bundle needs (global_local, sst and cyclical have applied them all)
-PENDING_BUNDLES = (CLMORPH,)
-PENDING: dict[tuple[str, str, str], str] = {
-    # inference lists are loaded with validate=False, so unreadable/bad images reach LoadImaged or the network
-    **{(b, c, "infer"): "infer-validate" for b in PENDING_BUNDLES for c in IMAGE_CASES},
-    # no override checks yet: ignite/torch fail with "'<' not supported ..." or "max_epochs is invalid"
-    **{(b, c, "train"): "cli-check" for b in PENDING_BUNDLES for c in ("epochs_not_int", "batch_size_zero")},
-    # MONAI CheckpointLoader raises torch's load_state_dict RuntimeError, without the file name
-    **{(b, "foreign_model_weights", "infer"): "load-weights" for b in PENDING_BUNDLES},
-    **{(b, "output_dir_is_input_dir", "infer"): "output-dir" for b in PENDING_BUNDLES},
-    # SaveImaged silently replaces earlier predictions
-    **{(b, "rerun_over_previous_results", "infer"): "output-dir" for b in PENDING_BUNDLES},
-    (CLMORPH, "single_volume", "train"): "cli-check",  # ZeroDivisionError inside torch's RandomSampler
-    (
-        CLMORPH,
-        "atlas_image_without_label",
-        "infer",
-    ): "atlas-override",  # TypeError (None path) inside LoadImaged  # pre-training has no resumable checkpoint
-}
+# (bundle, case, entry point) combinations a bundle does not handle yet, with the id of the change that fixes them
+# (every bundle has applied every change: none left)
+PENDING: dict[tuple[str, str, str], str] = {}
 
 
 def _combinations() -> list[tuple[str, str, str]]:

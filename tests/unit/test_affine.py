@@ -129,7 +129,7 @@ def test_invert_and_compose_matrices():
 
 
 def test_parameters_are_centred_and_normalised():
-    """2D rigid, 11 x 11 grid: centre 5, unit 5 voxels; params (0.2, 0, 90 deg) = turn about the centre, then shift 1."""
+    """2D rigid on 11 x 11: centre 5, unit 5 voxels; params (0.2, 0, 90 deg) = turn about the centre, then shift 1."""
     matrix = parameters_to_matrix(torch.tensor([[0.2, 0.0, math.pi / 2]]), "rigid", (11, 11))[0]
     for p, q in [((5.0, 5.0), (6.0, 5.0)), ((5.0, 7.0), (8.0, 5.0)), ((2.0, 5.0), (6.0, 8.0))]:
         torch.testing.assert_close(matrix[:, :2] @ torch.tensor(p) + matrix[:, 2], torch.tensor(q), atol=1e-5, rtol=0)
@@ -269,6 +269,12 @@ def test_search_init_finds_a_shift_beyond_the_gradient_reach():
     torch.testing.assert_close(searched, torch.tensor([7.0, -6.0]), atol=0.3, rtol=0)
     plain = prealign(_t(moving), _t(fixed), **kwargs).matrix[0, :, 2]
     assert float((plain - torch.tensor([7.0, -6.0])).abs().max()) > 2.0  # why the search exists
+    # planar rotations are searched too (every 30 degrees): 55 degrees starts from the 60-degree candidate
+    elongated = _blob_2d((15.5, 15.5), (3, 9)) + 0.6 * _blob_2d((13, 21), (2, 2))
+    true = np.concatenate([_rotation([55.0]), np.zeros((2, 1))], 1)
+    true[:, 2] = np.full(2, 15.5) - true[:, :2] @ np.full(2, 15.5)
+    start = prealign(_t(_moving_for(elongated, true)), _t(elongated), mode="rigid", init="search", iterations=(0, 0, 0))
+    assert math.degrees(math.atan2(float(start.matrix[0, 1, 0]), float(start.matrix[0, 0, 0]))) == pytest.approx(60.0)
 
 
 def test_fixed_mask_focuses_on_the_masked_object():
