@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
+from monai.data import decollate_batch
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys as Keys
@@ -140,6 +141,8 @@ def random_init_copy(network: CSTRegistrationNet, seed: int) -> CSTRegistrationN
 
 class CyclicalSelfTrainer(SupervisedTrainer):
     """Trainer of cyclical self-training; a MONAI ``SupervisedTrainer`` so bundle handlers and MLflow work unchanged.
+
+    ``state.output`` is a list with one dict (image, pred, loss) per pair of the batch, each holding the batch loss.
 
     Affine pre-alignment: when ``network.affine_prealign`` is set, ``pair_dataset`` must carry a ``PrealignmentStore``;
     the matrices are computed when the run starts (missing pairs only) and both streams work on the aligned pairs, so
@@ -374,4 +377,6 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             engine.optimizer.step()
         engine.state.output[Keys.LOSS] = loss.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        # decollated as MONAI's default trainers do, so `from_engine(["loss"], first=True)` (MLflow) reads the loss
+        engine.state.output = decollate_batch(engine.state.output, detach=True)
         return engine.state.output

@@ -96,7 +96,7 @@ def prepare_dict_batch(batchdata: Mapping, device: torch.device | str | None = N
 
 # ---------------------------------------------------------------------------------------------------------- engines
 class _SSTTrainer(Trainer):
-    """Shared constructor: a MONAI ``Trainer`` over dict batches whose iteration returns scalar losses."""
+    """Shared constructor: a MONAI ``Trainer`` over dict batches; subclasses' ``_train_step`` returns scalar losses."""
 
     def __init__(
         self,
@@ -119,6 +119,17 @@ class _SSTTrainer(Trainer):
             handlers=train_handlers,
             decollate=False,
         )
+
+    def _iteration(self, engine: Engine, batchdata: Any) -> list[dict] | None:
+        """One-element list around the step's losses: the decollated form MONAI's handler defaults read.
+
+        ``from_engine(["loss"], first=True)`` (e.g. ``--tracking mlflow``) then works unchanged.
+        """
+        output = self._train_step(engine, batchdata)
+        return None if output is None else [output]
+
+    def _train_step(self, engine: Engine, batchdata: Any) -> dict | None:
+        raise NotImplementedError
 
     def _batch(self, engine: Engine, batchdata: Mapping) -> dict:
         if batchdata is None:
@@ -153,7 +164,7 @@ class RegistrationPretrainTrainer(_SSTTrainer):
         super().__init__(device, max_epochs, train_data_loader, **kwargs)
         self.network, self.optimizer, self.ncc_loss, self.grad_weight = network, optimizer, ncc_loss, grad_weight
 
-    def _iteration(self, engine: RegistrationPretrainTrainer, batchdata: Mapping) -> dict:
+    def _train_step(self, engine: RegistrationPretrainTrainer, batchdata: Mapping) -> dict:
         batch = self._batch(engine, batchdata)
         engine.network.train()
         warped, ddf = engine.network.register(batch["source"], batch["target"])
@@ -228,7 +239,7 @@ class StylePretrainTrainer(_StyleMixin, _SSTTrainer):
             momentum,
         )
 
-    def _iteration(self, engine: StylePretrainTrainer, batchdata: Mapping) -> dict:
+    def _train_step(self, engine: StylePretrainTrainer, batchdata: Mapping) -> dict:
         batch = self._batch(engine, batchdata)
         engine.style_encoder.train()
         loss_moco, loss_g, query = engine._moco_and_adversarial(batch["source"], batch["target"])
@@ -321,7 +332,7 @@ class JointTrainer(_StyleMixin, _SSTTrainer):
             "weighted": self.lambda_appearance * app + self.lambda_flow * flow,
         }
 
-    def _iteration(self, engine: JointTrainer, batchdata: Mapping) -> dict:
+    def _train_step(self, engine: JointTrainer, batchdata: Mapping) -> dict:
         batch = self._batch(engine, batchdata)
         for module in (engine.style_encoder, engine.appearance, engine.flow_net):
             module.train()
@@ -370,7 +381,7 @@ class FlowAAETrainer(_SSTTrainer):
             ddf = resize_ddf(ddf, size)
         return warp(self.base_image.to(ddf), ddf)
 
-    def _iteration(self, engine: FlowAAETrainer, batchdata: Mapping) -> dict:
+    def _train_step(self, engine: FlowAAETrainer, batchdata: Mapping) -> dict:
         flow = self._batch(engine, batchdata)["flow"]
         engine.flow_aae.train()
         z = engine.flow_aae.encode(flow)
@@ -398,7 +409,8 @@ class StageRunner(_SSTTrainer):
     """A one-iteration MONAI trainer around a non-training stage (S3 flows, S5 generation, "Reg." evaluation).
 
     Every stage config then exposes the same ``train#trainer`` (handlers, MLflow tracking, ``check_properties``).
-    ``function`` is called once; its return value is kept in ``engine.state.stage_result``.
+    ``function`` is called once; its return value is kept in ``engine.state.stage_result``. The stage has no loss,
+    so ``engine.state.output`` is None (loss handlers such as MLflow's skip it).
     """
 
     def __init__(
@@ -412,9 +424,9 @@ class StageRunner(_SSTTrainer):
         super().__init__(device, max_epochs, train_data_loader if train_data_loader is not None else [0], **kwargs)
         self.function = function
 
-    def _iteration(self, engine: StageRunner, batchdata: Any) -> dict:
+    def _train_step(self, engine: StageRunner, batchdata: Any) -> None:
         engine.state.stage_result = engine.function()
-        return {"result": str(engine.state.stage_result)}
+        return None
 
 
 # -------------------------------------------------------------------------------------------------- stage weights

@@ -5,14 +5,11 @@ reads the store back with MlflowClient: one finished run per workflow, the train
 evaluation metrics, the engine parameters.
 
 MONAI's default trainer handler reads the loss with ``from_engine(["loss"], first=True)``, which only yields a number
-for decollated outputs (a list of dicts). Trainers whose ``state.output`` is one dict (``decollate=False``) make it
-fail with "float() argument must be ... not 'tuple'". For those bundles the test checks that failure, then tracks the
-training with the same settings but ``output_transform`` reading the dict (what a shipped tracking file would do).
+for decollated outputs (a list of dicts): every bundle's trainers must produce that form.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +20,6 @@ from tests.delivery.bundles import TINY, all_bundle_names, harness_case, make_wo
 from tests.delivery.tiny_bundle import write_tiny_bundle
 
 mlflow = pytest.importorskip("mlflow")
-
-DICT_OUTPUT_TRAINERS = {
-    "cyclical_self_training_abdomen_ct_registration": "common.engines.self_training.CyclicalSelfTrainer",
-    "sst_brain_mri_one_shot_segmentation": "common.engines.sst.RegistrationPretrainTrainer",
-}
-
-
-def dict_output_settings() -> dict:
-    """MONAI's MLflow settings with the trainer's loss read from a dict output (or a decollated list)."""
-    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
-
-    settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
-    read = "$lambda x: float(x['loss'] if isinstance(x, dict) else x[0]['loss'])"
-    settings["configs"]["trainer"]["output_transform"] = read
-    return settings
-
 
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -87,14 +68,7 @@ def test_tracking_records_train_evaluate_and_infer(name: str, tmp_path: Path, tr
     tracking = {"tracking_uri": tracking_uri}
 
     train = {**ws.overrides("train", tmp_path / "train"), **tracking, "experiment_name": f"{name}-train"}
-    if name in DICT_OUTPUT_TRAINERS:
-        default = {**train, "experiment_name": f"{name}-train-default"}
-        with pytest.raises(RuntimeError) as failure:
-            _run_tracked(root, case.train_stages[0], "train", default)
-        assert "not 'tuple'" in "".join(str(e) for e in _chain(failure.value)), failure.value
-        _run_tracked(root, case.train_stages[0], "train", train, tracking=dict_output_settings())
-    else:
-        _run_tracked(root, case.train_stages[0], "train", train)
+    _run_tracked(root, case.train_stages[0], "train", train)
     # evaluation and inference of freshly initialised weights (training quality is not the point here)
     write_fresh_weights(ws, ws.ckpt_dir / case.checkpoint_files[0])
     evaluate = {**ws.overrides("evaluate", tmp_path / "eval"), **tracking, "experiment_name": f"{name}-evaluate"}
@@ -111,11 +85,3 @@ def test_tracking_records_train_evaluate_and_infer(name: str, tmp_path: Path, tr
     assert run.data.metrics, "evaluation recorded no metric"
     run = _single_run(client, f"{name}-infer")
     assert run.data.params, "inference recorded no engine parameter"
-    if name in DICT_OUTPUT_TRAINERS:
-        pytest.xfail(f"default --tracking mlflow fails on {DICT_OUTPUT_TRAINERS[name]}'s dict output (see docstring)")
-
-
-def _chain(error: BaseException | None):
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
