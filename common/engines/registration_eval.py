@@ -129,6 +129,8 @@ class RegistrationReportHandler:
     ``seconds_per_pair``; the files are ``<name>.csv|json|md`` (per label) and ``<name>_pairs.csv|json|md``.
     ``history_file`` (optional, e.g. ``stage_curve.json``): one summary line per evaluator run is appended, which
     traces Dice over the self-training stages when the evaluator runs after every stage.
+    Distributed: every rank gathers all ranks' rows (same metrics everywhere); rank 0 alone writes the files. A pair
+    is named ``<moving>_to_<fixed>`` from its files, so names do not depend on which rank evaluated it.
     """
 
     def __init__(
@@ -163,10 +165,7 @@ class RegistrationReportHandler:
 
     def iteration_completed(self, engine: Engine) -> None:
         for item in self._items(engine.state.output):
-            case = f"pair{len(self.pair_rows):04d}"
-            meta = getattr(item.get(Keys.LABEL), "meta", None) or {}
-            if "filename_or_obj" in meta:
-                case = f"{Path(str(meta['filename_or_obj'])).name.split('.')[0]}_{len(self.pair_rows):04d}"
+            case = self._case_name(item)
             if item.get("moving_label") is not None and item.get(Keys.LABEL) is not None:
                 dice, summary = pair_metrics(item[Keys.LABEL], item["moving_label"], item["ddf"], self.labels)
             else:
@@ -174,25 +173,53 @@ class RegistrationReportHandler:
             self.label_rows += [{"case": case, "label": name, "dice": value} for name, value in dice.items()]
             self.pair_rows.append({"case": case, **summary, "seconds": float(item.get("seconds", float("nan")))})
 
+    def _case_name(self, item: Mapping) -> str:
+        fixed = getattr(item.get(Keys.LABEL), "meta", None) or getattr(item.get(Keys.IMAGE), "meta", None) or {}
+        moving_data = item.get("moving_label") if item.get("moving_label") is not None else item.get("moving_image")
+        moving = getattr(moving_data, "meta", None) or {}
+        if "filename_or_obj" in fixed and "filename_or_obj" in moving:
+            return f"{_stem(moving, 'moving')}_to_{_stem(fixed, 'fixed')}"
+        rank = f"rank{_rank()}_" if _distributed() else ""
+        return f"{rank}pair{len(self.pair_rows):04d}"
+
+    @staticmethod
+    def _gather(rows: list[dict]) -> list[dict]:
+        if not _distributed():
+            return rows
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rows)
+        return [r for part in gathered for r in part]
+
     def epoch_completed(self, engine: Engine) -> None:
-        if not self.pair_rows:
+        label_rows, pair_rows = self._gather(self.label_rows), self._gather(self.pair_rows)
+        if not pair_rows:
             logger.warning("RegistrationReportHandler %r saw no pair; no report written", self.name)
             return
         summary = {
-            "mean_dice": float(np.nanmean([r.get("dice", np.nan) for r in self.pair_rows])),
-            "mean_sdlogj": float(np.mean([r["sdlogj"] for r in self.pair_rows])),
-            "mean_folding_percent": float(np.mean([r["folding_percent"] for r in self.pair_rows])),
-            "seconds_per_pair": float(np.mean([r["seconds"] for r in self.pair_rows])),
+            "mean_dice": float(np.nanmean([r.get("dice", np.nan) for r in pair_rows])),
+            "mean_sdlogj": float(np.mean([r["sdlogj"] for r in pair_rows])),
+            "mean_folding_percent": float(np.mean([r["folding_percent"] for r in pair_rows])),
+            "seconds_per_pair": float(np.mean([r["seconds"] for r in pair_rows])),
         }
         engine.state.metrics.update(summary)
-        if self.label_rows:
-            write_report(self.label_rows, self.output_dir, self.name)
-        write_report(self.pair_rows, self.output_dir, f"{self.name}_pairs", group_key="case")
+        if _rank() != 0:
+            return
+        if label_rows:
+            write_report(label_rows, self.output_dir, self.name)
+        write_report(pair_rows, self.output_dir, f"{self.name}_pairs", group_key="case")
         if self.history_file is not None:
             previous = self.history_file.read_text() if self.history_file.is_file() else ""
-            line = json.dumps({"num_pairs": len(self.pair_rows), **summary})
+            line = json.dumps({"num_pairs": len(pair_rows), **summary})
             atomic_write_text(self.history_file, previous + line + "\n")
         logger.info("%s: %s", self.name, ", ".join(f"{k} = {v:.4f}" for k, v in summary.items()))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
 
 
 def _stem(meta: Mapping | None, default: str) -> str:

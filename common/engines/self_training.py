@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Events
-from monai.engines import SupervisedTrainer
 from monai.data import decollate_batch
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys as Keys

@@ -409,7 +409,8 @@ class StageRunner(_SSTTrainer):
     """A one-iteration MONAI trainer around a non-training stage (S3 flows, S5 generation, "Reg." evaluation).
 
     Every stage config then exposes the same ``train#trainer`` (handlers, MLflow tracking, ``check_properties``).
-    ``function`` is called once; its return value is kept in ``engine.state.stage_result``. The stage has no loss,
+    ``function`` is called once; its return value is kept in ``engine.state.stage_result``. Distributed: rank 0 alone
+    runs it (the stages write shared files) and the other ranks wait at a barrier (their result is None). No loss,
     so ``engine.state.output`` is None (loss handlers such as MLflow's skip it).
     """
 
@@ -425,7 +426,13 @@ class StageRunner(_SSTTrainer):
         self.function = function
 
     def _train_step(self, engine: StageRunner, batchdata: Any) -> None:
-        engine.state.stage_result = engine.function()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_rank() != 0:
+            engine.state.stage_result = None
+        else:
+            engine.state.stage_result = engine.function()
+        if distributed:
+            torch.distributed.barrier()
         return None
 
 

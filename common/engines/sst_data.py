@@ -239,10 +239,18 @@ class _SeededDataset(Randomizable, Dataset):
     stage's DataLoader is in its ``save_dict`` - restored after it replays the batches of an interrupted epoch, so a
     resumed stage draws exactly the pairs (or flow mixes) of an uninterrupted run. ``state_dict``/``load_state_dict``
     expose the same state for direct use.
+
+    Distributed (process group initialised when the dataset is built): ``R`` is seeded from ``[seed, rank]`` so each
+    rank draws its own pairs or mixes, otherwise every rank would train on the same samples.
     """
 
     def __init__(self, seed: int) -> None:
-        self.set_random_state(seed=int(seed))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+            entropy = np.random.SeedSequence([int(seed), int(rank)]).generate_state(4)
+            self.set_random_state(state=np.random.RandomState(entropy))
+        else:
+            self.set_random_state(seed=int(seed))
 
     def randomize(self, data: Any = None) -> None:  # draws happen in __getitem__; required by the interface
         return None

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from common.data.atlas import rank_by_closeness_to_mean as closest_to_mean
 from common.registration.fields import warp, warp_labels
 
 __all__ = [
@@ -63,18 +64,21 @@ def rank_by_closeness_to_mean(
 ) -> list[int]:
     """Indices of ``entries`` sorted by NCC (best first) of each z-scored image with the group average.
 
+    The spec's rule, computed by the shared `common.data.atlas.rank_by_closeness_to_mean` (``similarity="ncc"``).
     Images are resampled (trilinear) to ``size``, default the first image's shape, so groups of mixed shapes work.
     """
-    volumes = []
-    for e in entries:
-        data = torch.from_numpy(_zscore(np.asarray(nib.load(str(e[image_key])).dataobj, dtype=np.float32)))
-        size = tuple(size or data.shape)
-        if tuple(data.shape) != size:
-            data = F.interpolate(data[None, None], size=size, mode="trilinear", align_corners=True)[0, 0]
-        volumes.append(data)
-    stack = torch.stack(volumes)[:, None]
-    scores = global_ncc(stack, stack.mean(0, keepdim=True).expand_as(stack))
-    return [int(i) for i in torch.argsort(scores, descending=True, stable=True)]
+    if not entries:
+        raise ValueError("rank_by_closeness_to_mean: no entries")
+    paths = [str(e[image_key]) for e in entries]
+    grid = tuple(size) if size is not None else tuple(nib.load(paths[0]).shape[:3])
+
+    def standardise(array: np.ndarray) -> np.ndarray:
+        data = torch.from_numpy(_zscore(array.astype(np.float32)))
+        if tuple(data.shape) != grid:
+            data = F.interpolate(data[None, None], size=grid, mode="trilinear", align_corners=True)[0, 0]
+        return data.numpy()
+
+    return closest_to_mean(paths, similarity="ncc", preprocess=standardise)
 
 
 def _index_of(entries: Sequence[Mapping[str, Any]], atlas_id: int | str, image_key: str) -> int:

@@ -21,6 +21,7 @@ from tests.delivery.tiny_bundle import write_tiny_bundle
 
 mlflow = pytest.importorskip("mlflow")
 
+
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite store for the module (creating its schema is the slow part)."""

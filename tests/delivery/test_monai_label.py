@@ -35,16 +35,12 @@ from tests.delivery.tiny_bundle import write_tiny_bundle
 # Bundles whose inference.json cannot be served as is; the reason is the change the owner has to make (see report).
 NOT_SERVABLE = {
     "clmorph_brain_mri_registration": (
-        "the atlas label map ends in 'seg' (FlattenSubKeysd of the inferer dict), not in the metadata output key "
-        "'pred' that MONAI Label writes; metadata 'pred' describes a displacement field"
+        "not supported, as its README says (use the CLI): the atlas label map ends in 'seg' (FlattenSubKeysd of the "
+        "inferer dict), not in the metadata output key 'pred' that MONAI Label writes; 'pred' is a displacement field"
     ),
     "cyclical_self_training_abdomen_ct_registration": (
         "inference.json registers image pairs (moving_image/fixed_image); MONAI Label sends one 'image'"
     ),
-}
-
-INCOMPLETE_CHANNEL_DEF = {
-    "sst_brain_mri_one_shot_segmentation": "metadata outputs.pred.channel_def names 2 of 17 channels ('1' covers 1-16)"
 }
 
 
@@ -120,7 +116,6 @@ def test_inference_config_serves_through_monai_label_steps(name: str, tmp_path: 
     assert set(np.unique(label).astype(int).tolist()) <= set(range(int(output["num_channels"])))
     # MONAI Label builds its label list (names shown to annotators) from channel_def: one entry per output channel
     named = {int(k) for k in output.get("channel_def", {})}
-    if named != set(range(int(output["num_channels"]))):
-        if name in INCOMPLETE_CHANNEL_DEF:
-            pytest.xfail(INCOMPLETE_CHANNEL_DEF[name])
-        raise AssertionError(f"{name}: channel_def names channels {sorted(named)} of {output['num_channels']}")
+    assert named == set(
+        range(int(output["num_channels"]))
+    ), f"{name}: channel_def names channels {sorted(named)} of {output['num_channels']}"

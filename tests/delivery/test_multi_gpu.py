@@ -52,13 +52,6 @@ from tests.delivery.tiny_bundle import write_tiny_bundle
 RUNNER = Path(__file__).with_name("dist_runner.py")
 # Validation/test cases per rank >= 1 (MONAI's DistributedSampler(even_divisible=False) needs as many items as ranks);
 # pair-based bundles evaluate all ordered pairs of a split, so 3 cases give 3 pairs.
-# Tables (by file-name prefix) whose writer does not gather across ranks yet (reported to the owner): a mismatch
-# there is an expected failure.
-KNOWN_PER_RANK_TABLES = {
-    "cyclical_self_training_abdomen_ct_registration": {
-        "registration": "common.engines.registration_eval.RegistrationReportHandler writes rank 0's pairs only"
-    }
-}
 DATASET_SPLITS = {"cyclical_self_training_abdomen_ct_registration": {"num_validation": 3, "num_test": 3}}
 
 
@@ -215,13 +208,22 @@ def _iter_keys(obj: Any, prefix: str = "") -> Iterator[str]:
             yield from _iter_keys(value, f"{prefix}{key}.")
 
 
+TIMING_COLUMNS = ("seconds", "time")
+
+
 def _numeric_rows(path: Path) -> list[tuple[float, ...]]:
-    """The numbers of each row, rows sorted: case names may differ (ranks number duplicate cases on their own)."""
+    """The numbers of each row, rows sorted: case names may differ (ranks number duplicate cases on their own).
+
+    Wall-clock columns (header containing "seconds" or "time") differ between runs and are left out.
+    """
     rows = []
     with open(path, newline="") as handle:
-        for row in csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","):
+        reader = csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
+        header = next(reader, [])
+        timing = {i for i, column in enumerate(header) if any(t in column.lower() for t in TIMING_COLUMNS)}
+        for row in reader:
             numbers = []
-            for cell in row:
+            for cell in (c for i, c in enumerate(row) if i not in timing):
                 try:
                     numbers.append(float(cell))
                 except ValueError:
@@ -270,17 +272,7 @@ def test_torchrun_two_cpu_processes(name: str, tmp_path: Path) -> None:
     assert not run_workflow(root, case.evaluate_files(), "train", single)
     tables = sorted(p for p in (tmp_path / "sp_eval").rglob("*") if p.suffix in (".csv", ".tsv"))
     assert tables, "the single-process evaluation wrote no table to compare"
-    known = KNOWN_PER_RANK_TABLES.get(name, {})
-    gaps = []
     for table in tables:
         twin = tmp_path / "mg_eval" / table.relative_to(tmp_path / "sp_eval")
         assert twin.is_file(), f"multi-GPU evaluation wrote no {twin.name}"
-        try:
-            _assert_same_table(twin, table)
-        except AssertionError:
-            reason = next((why for prefix, why in known.items() if table.name.startswith(prefix)), None)
-            if reason is None:
-                raise
-            gaps.append(f"{table.name}: {reason}")
-    if gaps:
-        pytest.xfail("; ".join(gaps))
+        _assert_same_table(twin, table)

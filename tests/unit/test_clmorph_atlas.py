@@ -148,3 +148,23 @@ def test_atlas_selection_rules(tmp_path):
     assert select_atlas(unlabelled)["atlas_index"] == 2  # only labelled images can be atlases
     with pytest.raises(ValueError, match="matches 0"):
         select_atlas(entries, "nobody")
+
+
+def test_one_ranking_serves_both_rules(tmp_path):
+    """CLMorph's NCC rule and SST's MSE rule come from the same `common.data.atlas` ranking and differ as expected:
+    a cleaner image at three times the intensity is the closest by NCC (scale-free) but the farthest by MSE."""
+    from common.data.atlas import rank_by_closeness_to_mean, select_atlas_closest_to_mean
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(8, 8, 8))
+    volumes = [3.0 * (base + 0.05 * rng.normal(size=base.shape))] + [
+        base + s * rng.normal(size=base.shape) for s in (0.3, 0.5)
+    ]
+    assert rank_by_closeness_to_mean(volumes, "ncc")[0] == 0
+    assert rank_by_closeness_to_mean(volumes, "mse")[-1] == 0
+    assert select_atlas_closest_to_mean(volumes) == rank_by_closeness_to_mean(volumes, "mse")[0] == 1
+    entries = [{"image": _write(tmp_path / f"v{i}.nii.gz", v), "label": _write(tmp_path / f"m{i}.nii.gz", v > 0)}
+               for i, v in enumerate(volumes)]  # fmt: skip
+    assert select_atlas(entries)["atlas_index"] == 0  # the bundle's default atlas rule is the NCC one
+    with pytest.raises(ValueError, match="similarity"):
+        rank_by_closeness_to_mean(volumes, "mi")
