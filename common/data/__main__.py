@@ -1,4 +1,4 @@
-"""Command line: ``python -m common.data synthetic ...`` and ``python -m common.data prepare <dataset> ...``."""
+"""Command line: ``python -m common.data synthetic|prepare|validate ...``."""
 
 from __future__ import annotations
 
@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--seed", type=int, default=0, help="split seed where the split is random")
     prep.add_argument("--no_validate", action="store_true", help="skip reading every file (faster)")
 
+    val = sub.add_parser("validate", help="check every entry of a datalist (files, shapes, affines, label values)")
+    val.add_argument("datalist", help="datalist JSON path")
+    val.add_argument("--sections", nargs="+", default=["training", "validation", "test"])
+
     args = parser.parse_args(argv)
+    if args.command == "validate":
+        return _validate(args.datalist, args.sections)
     if args.command == "synthetic":
         from common.data.synthetic import generate_dataset
 
@@ -52,6 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         path = PREPARERS[args.dataset](args.src, args.out, seed=args.seed, validate=not args.no_validate)
     print(path)
+    return 0
+
+
+def _validate(datalist: str, sections: list[str]) -> int:
+    """Validate the non-empty sections; print one line per section, or the first error (naming the file and the fix)."""
+    from common.data.datalist import load_datalist, read_datalist_json
+    from common.data.validate import DataValidationError
+
+    content = read_datalist_json(datalist)
+    present = [name for name in sections if content.get(name)]
+    if not present:
+        print(f"{datalist}: none of the sections {sections} has entries", file=sys.stderr)
+        return 1
+    for name in present:
+        try:
+            entries = load_datalist(datalist, name, require_label=False, validate=True)
+        except DataValidationError as error:
+            print(f"section {name!r}: {error}", file=sys.stderr)
+            return 1
+        print(f"section {name!r}: {len(entries)} entries OK")
     return 0
 
 

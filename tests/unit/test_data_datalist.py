@@ -67,3 +67,18 @@ def test_tensor_image_size_is_enforced(tmp_path, synthetic):
     path.write_text(json.dumps(data))
     with pytest.raises(DataValidationError, match="4D volumes are expected"):
         load_datalist(path)
+
+
+def test_validate_command_reports_sections_and_names_a_broken_file(tmp_path, capsys):
+    from common.data.__main__ import main
+    from common.data.synthetic import generate_dataset
+
+    datalist = generate_dataset(tmp_path / "data", preset="cardiac", num_subjects=5, shape=(24, 24, 6), seed=3)
+    assert main(["validate", str(datalist)]) == 0
+    out = capsys.readouterr().out
+    assert "section 'training': 3 entries OK" in out and "section 'test': 1 entries OK" in out
+
+    broken = tmp_path / "data" / "labelsTr" / "sub000.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    assert main(["validate", str(datalist)]) == 1
+    assert "sub000.nii.gz" in capsys.readouterr().err
