@@ -24,11 +24,13 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from common.data.atlas import rank_by_closeness_to_mean as closest_to_mean
+from common.registration.affine import affine_ddf, compose_with_affine, invert_affine, prealign
 from common.registration.fields import warp, warp_labels
 
 __all__ = [
     "AtlasRegistrationInferer",
     "PairRegistrationInferer",
+    "atlas_onto_subject_affine",
     "fuse_labels",
     "global_ncc",
     "label_entropy",
@@ -202,6 +204,21 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
+def atlas_onto_subject_affine(
+    atlas: torch.Tensor, subject: torch.Tensor, affine_kwargs: Mapping[str, Any] | None = None
+) -> torch.Tensor:
+    """Affine matrix ``[B, D, D+1]`` (subject voxel -> atlas voxel) that warps the atlas onto each subject.
+
+    The step of the CLMorph ACDC benchmark (``tests/benchmarks/bench_clmorph_acdc.py``): the z-scored subject is
+    aligned to the atlas (`common.registration.affine.prealign`, centre-of-mass start unless ``init`` is given) and
+    the matrix inverted. Runs with gradients enabled for its own parameters, also inside ``no_grad`` inference.
+    """
+    kwargs = {"init": "com", **{k: (tuple(v) if isinstance(v, list) else v) for k, v in (affine_kwargs or {}).items()}}
+    with torch.enable_grad():
+        result = prealign(subject.detach(), atlas.detach().expand_as(subject), **kwargs)
+    return invert_affine(result.matrix.detach())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # inferers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,6 +244,12 @@ class AtlasRegistrationInferer(Inferer):
         num_samples: velocity samples per atlas for the uncertainty outputs (needs ``network(pair, sample=True)``).
         outputs: extra outputs among "ddf", "warped".
         local_sigma: Gaussian sigma (voxels) of the local weights.
+        affine_prealign: align each atlas affinely onto the subject first (`atlas_onto_subject_affine`), run the
+            network on the aligned atlas and warp the labels once with affine + deformable composed into one field
+            (`common.registration.affine.compose_with_affine`). For data that is not pre-aligned (the paper's brains
+            are); the ``ddf`` output is then that composed field.
+        affine_kwargs: keyword arguments of `common.registration.affine.prealign` (``mode``, ``similarity``,
+            ``frozen_axes``, ``levels``, ``iterations``, ...).
     """
 
     def __init__(
@@ -240,6 +263,8 @@ class AtlasRegistrationInferer(Inferer):
         image_key: str = "image",
         label_key: str = "label",
         local_sigma: float = 2.0,
+        affine_prealign: bool = False,
+        affine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if direction not in ("atlas_to_subject", "inverse"):
@@ -255,6 +280,7 @@ class AtlasRegistrationInferer(Inferer):
         self.transform, self.direction, self.fusion = transform, direction, fusion
         self.num_samples, self.outputs = int(num_samples), tuple(outputs)
         self.image_key, self.label_key, self.local_sigma = image_key, label_key, float(local_sigma)
+        self.affine_prealign, self.affine_kwargs = bool(affine_prealign), dict(affine_kwargs or {})
         self._cache: tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _prepared(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,6 +310,15 @@ class AtlasRegistrationInferer(Inferer):
         pair = torch.cat([subject, atlas.expand_as(subject)], 1)
         return inverse(pair, sample=True) if sample else inverse(pair)
 
+    def _total_field(
+        self, network: Callable, atlas: torch.Tensor, subject: torch.Tensor, matrix: torch.Tensor | None, sample: bool
+    ) -> torch.Tensor:
+        """Atlas -> subject field: the network's alone, or affine (``matrix``) then network as one field."""
+        if matrix is None:
+            return self._fields(network, atlas, subject, sample)
+        aligned = warp(atlas.expand_as(subject), affine_ddf(matrix, subject.shape[2:]).to(subject.dtype))
+        return compose_with_affine(matrix, self._fields(network, aligned, subject, sample))
+
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         subject = _plain(inputs).float()
         images, labels, values = self._prepared(subject.device)
@@ -292,13 +327,16 @@ class AtlasRegistrationInferer(Inferer):
                 f"atlas grid {tuple(images.shape[3:])} != input grid {tuple(subject.shape[2:])}: resample both to the "
                 "same size in the preprocessing (e.g. the bundle's image_size)"
             )
+        matrices = [None] * images.shape[0]
+        if self.affine_prealign:
+            matrices = [atlas_onto_subject_affine(images[k], subject, self.affine_kwargs) for k in range(len(images))]
         warped_labels, warped_images, first_ddf = [], [], None
         for k in range(images.shape[0]):
-            ddf = self._fields(network, images[k], subject, sample=False)
+            ddf = self._total_field(network, images[k], subject, matrices[k], sample=False)
             first_ddf = ddf if first_ddf is None else first_ddf
             warped_labels.append(warp_labels(labels[k].expand(subject.shape[0], -1, *labels.shape[3:]), ddf))
             if self.fusion != "majority" or "warped" in self.outputs:
-                warped_images.append(warp(images[k], ddf))
+                warped_images.append(warp(images[k].expand_as(subject), ddf))
         stacked = torch.stack(warped_labels)
         weights = None
         if self.fusion == "global":
@@ -317,7 +355,7 @@ class AtlasRegistrationInferer(Inferer):
             samples = []
             for k in range(images.shape[0]):
                 for _ in range(self.num_samples):
-                    ddf = self._fields(network, images[k], subject, sample=True)
+                    ddf = self._total_field(network, images[k], subject, matrices[k], sample=True)
                     samples.append(warp_labels(labels[k].expand(subject.shape[0], -1, *labels.shape[3:]), ddf))
             seg_mc, probs = fuse_labels(torch.stack(samples), values)
             result["seg_mc"] = _like(inputs, seg_mc.to(torch.float32))
