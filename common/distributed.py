@@ -193,12 +193,25 @@ class SyncStatesAtStart:
                 dist.broadcast(tensor.data, src=0)
 
 
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def gather_rows(rows: list) -> list:
+    """Every rank's ``rows`` concatenated in rank order (on every rank); ``rows`` itself outside distributed runs."""
+    if not is_distributed():
+        return rows
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
 
 
 def is_rank0() -> bool:

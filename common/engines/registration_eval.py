@@ -28,6 +28,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
+from common.distributed import gather_rows, get_rank, is_distributed
 from common.evaluation.metrics import deformation_stats, per_label_metrics
 from common.evaluation.report import write_report
 from common.io import atomic_json_dump, atomic_write_text
@@ -179,19 +180,11 @@ class RegistrationReportHandler:
         moving = getattr(moving_data, "meta", None) or {}
         if "filename_or_obj" in fixed and "filename_or_obj" in moving:
             return f"{_stem(moving, 'moving')}_to_{_stem(fixed, 'fixed')}"
-        rank = f"rank{_rank()}_" if _distributed() else ""
+        rank = f"rank{get_rank()}_" if is_distributed() else ""
         return f"{rank}pair{len(self.pair_rows):04d}"
 
-    @staticmethod
-    def _gather(rows: list[dict]) -> list[dict]:
-        if not _distributed():
-            return rows
-        gathered: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, rows)
-        return [r for part in gathered for r in part]
-
     def epoch_completed(self, engine: Engine) -> None:
-        label_rows, pair_rows = self._gather(self.label_rows), self._gather(self.pair_rows)
+        label_rows, pair_rows = gather_rows(self.label_rows), gather_rows(self.pair_rows)
         if not pair_rows:
             logger.warning("RegistrationReportHandler %r saw no pair; no report written", self.name)
             return
@@ -202,7 +195,7 @@ class RegistrationReportHandler:
             "seconds_per_pair": float(np.mean([r["seconds"] for r in pair_rows])),
         }
         engine.state.metrics.update(summary)
-        if _rank() != 0:
+        if get_rank() != 0:
             return
         if label_rows:
             write_report(label_rows, self.output_dir, self.name)
@@ -212,14 +205,6 @@ class RegistrationReportHandler:
             line = json.dumps({"num_pairs": len(pair_rows), **summary})
             atomic_write_text(self.history_file, previous + line + "\n")
         logger.info("%s: %s", self.name, ", ".join(f"{k} = {v:.4f}" for k, v in summary.items()))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
 
 
 def _stem(meta: Mapping | None, default: str) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from common.distributed import gather_rows, get_rank, is_distributed
 from common.evaluation.figures import save_dice_boxplot, save_overlay_png
 from common.evaluation.metrics import DEFAULT_METRICS, deformation_stats, per_label_metrics, region_metrics
 from common.evaluation.report import rows_from_metrics, write_report
@@ -205,17 +206,7 @@ class SegmentationReportHandler:
     @staticmethod
     def _rank_prefix() -> str:
         """ "r<rank>_" in distributed runs, so that fallback case names stay unique after gathering."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return f"r{torch.distributed.get_rank()}_"
-        return ""
-
-    @staticmethod
-    def _gather(rows: list[dict]) -> list[dict]:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return rows
-        gathered: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, rows)
-        return [r for part in gathered for r in part]
+        return f"r{get_rank()}_" if is_distributed() else ""
 
     @staticmethod
     def _mean_of_case_means(rows: list[dict], metric: str) -> float:
@@ -227,9 +218,9 @@ class SegmentationReportHandler:
         return float(np.nanmean(means)) if not np.all(np.isnan(means)) else float("nan")
 
     def epoch_completed(self, engine: Engine) -> None:
-        label_rows = self._gather(self.label_rows)
-        region_rows = self._gather(self.region_rows)
-        deformation_rows = self._gather(self.deformation_rows)
+        label_rows = gather_rows(self.label_rows)
+        region_rows = gather_rows(self.region_rows)
+        deformation_rows = gather_rows(self.deformation_rows)
         if not label_rows:
             logger.warning("SegmentationReportHandler %r saw no case; no report written", self.name)
             return
@@ -238,9 +229,7 @@ class SegmentationReportHandler:
         if deformation_rows:
             for key in ("sdlogj", "folding_percent"):
                 engine.state.metrics[f"mean_{key}"] = float(np.mean([r[key] for r in deformation_rows]))
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if distributed else 0
-        if rank != 0:
+        if get_rank() != 0:
             return
         self.written += write_report(label_rows, self.output_dir, self.name)
         if region_rows:
