@@ -40,6 +40,7 @@ __all__ = [
     "DistributedSubsetSampler",
     "SyncStatesAtStart",
     "average_gradients_on_step",
+    "barrier",
     "default_backend",
     "destroy_process_group",
     "device_ids",
@@ -50,6 +51,7 @@ __all__ = [
     "local_device",
     "local_rank",
     "rank0_handlers",
+    "shard",
 ]
 
 # Handlers that only write (logs, TensorBoard, checkpoints): one writer is enough, and two ranks writing the same file
@@ -216,6 +218,21 @@ def gather_rows(rows: list) -> list:
 
 def is_rank0() -> bool:
     return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside distributed runs)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(items: Sequence) -> list:
+    """This rank's round-robin share of ``items`` (all of them outside distributed runs).
+
+    Item ``k`` belongs to rank ``k % world_size``: the shares are disjoint, cover every item and differ in size by at
+    most one, whatever the order in which ranks reach the call.
+    """
+    return list(items)[get_rank() :: get_world_size()]
 
 
 def _is_rank0_only(handler: object, names: Iterable[str]) -> bool:

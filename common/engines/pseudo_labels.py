@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
+from common.distributed import barrier, gather_rows, is_rank0
 from common.io import atomic_json_dump, atomic_torch_save
 
 __all__ = [
@@ -93,6 +94,20 @@ def agreement_weights(difficulty: Sequence[float] | torch.Tensor, span: float = 
     return torch.sigmoid(args)
 
 
+def _share_entries(memory: dict[int, dict], storage: str, indices: Sequence[int]) -> None:
+    """Make the entries this rank computed (``indices``) visible to every rank of a distributed run.
+
+    Memory storage: one all-gather of the new entries into every rank's dict. Disk storage: the files are already in
+    the folder, which every rank must see (one machine, or a shared file system across nodes); only wait for the
+    writers. Outside distributed runs nothing happens.
+    """
+    if storage == "memory":
+        for index, entry in gather_rows([(int(k), memory[int(k)]) for k in indices]):
+            memory[index] = entry
+    else:
+        barrier()
+
+
 class PseudoLabelBank:
     """One target field per pair, with the stage that produced it and the pair's difficulty.
 
@@ -160,6 +175,10 @@ class PseudoLabelBank:
         else:
             atomic_torch_save(entry, self._file(index))
 
+    def share(self, indices: Sequence[int]) -> None:
+        """Distributed refresh: after each rank put its share ``indices``, every rank sees every pair's entry."""
+        _share_entries(self._memory, self.storage, indices)
+
     def complete(self, stage: int) -> None:
         """Mark ``stage`` finished once every pair holds a field of that stage; fixes the difficulties."""
         entries = [self._entry(k) for k in range(self.num_pairs)]
@@ -168,7 +187,7 @@ class PseudoLabelBank:
             raise RuntimeError(f"stage {stage} pseudo labels missing for pairs {missing[:10]}")
         self._stage = int(stage)
         self._difficulty = [float(e["difficulty"]) for e in entries]
-        if self.storage == "disk":
+        if self.storage == "disk" and is_rank0():
             atomic_json_dump(
                 {"num_pairs": self.num_pairs, "stage": self._stage, "difficulty": self._difficulty},
                 self.root / "bank.json",
@@ -253,6 +272,10 @@ class PrealignmentStore:
         if entry is None or [int(i) for i in entry["pair"]] != [int(i) for i in pair]:
             return None
         return entry["matrix"]
+
+    def share(self, indices: Sequence[int]) -> None:
+        """Distributed pre-alignment: after each rank put its share ``indices``, every rank sees every matrix."""
+        _share_entries(self._memory, self.storage, indices)
 
     def put(self, index: int, pair: Sequence[int], matrix: torch.Tensor) -> None:
         entry = {"matrix": matrix.detach().to("cpu", torch.float32).contiguous(), "pair": [int(i) for i in pair]}

@@ -41,6 +41,7 @@ from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import Dataset
 
+from common.distributed import gather_rows, is_rank0, shard
 from common.engines.pair_augment import affine_pair_augment
 from common.engines.pseudo_labels import PrealignmentStore, PseudoLabelBank, endpoint_error, pair_difficulty
 from common.engines.registration_eval import pair_metrics
@@ -93,14 +94,16 @@ class ImagePairDataset(Dataset):
         matrix is missing (a resumed run computes only those). Returns the number of pairs computed."""
         if self.prealignment is None:
             raise ValueError("compute_prealignment needs a PrealignmentStore (ImagePairDataset(prealignment=...))")
-        computed = 0
-        for k, pair in enumerate(self.pairs):
+        computed = []
+        for k in shard(range(len(self.pairs))):  # distributed: each rank fits its share, then all see every matrix
+            pair = self.pairs[k]
             if self.prealignment.get(k, pair) is not None:
                 continue
             moving, fixed = (_plain(self.dataset[i][self.image_key])[None].to(device, torch.float32) for i in pair)
             self.prealignment.put(k, pair, fit(moving, fixed)[0])
-            computed += 1
-        return computed
+            computed.append(k)
+        self.prealignment.share(computed)
+        return len(gather_rows(computed))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -283,19 +286,24 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             self.refresh_pseudo_labels(stage)
 
     def _save_stage(self, engine: SupervisedTrainer) -> None:
-        if self.stage_dir is not None:
+        if self.stage_dir is not None and is_rank0():
             state = self.network.feature_net.state_dict()
             atomic_torch_save(state, self.stage_dir / f"stage_{engine.state.epoch:02d}.pt")
 
     def refresh_pseudo_labels(self, stage: int) -> None:
-        """Compute the stage-``stage`` bank: ``g_A`` for stage 0, the current network otherwise (eval mode)."""
+        """Compute the stage-``stage`` bank: ``g_A`` for stage 0, the current network otherwise (eval mode).
+
+        Distributed runs split the pairs round-robin over the ranks (`common.distributed.shard`) and then share them
+        (`PseudoLabelBank.share`), so every rank trains on the same bank. Pair ``k``'s Adam seed depends on ``k`` and
+        the stage only, and every rank holds the same weights, so the bank equals a single process's.
+        """
         network = random_init_copy(self.network, self.stage0_seed) if stage == 0 else self.network
-        if stage == 0 and self.stage_dir is not None:
+        if stage == 0 and self.stage_dir is not None and is_rank0():
             atomic_torch_save(network.feature_net.state_dict(), self.stage_dir / "stage_00.pt")
         start = time.perf_counter()
         num_pairs = len(self.pair_dataset)
-        magnitudes, dices = [], []
-        for k in range(num_pairs):
+        computed, magnitudes, dices = [], [], []
+        for k in shard(range(num_pairs)):
             if self.bank.stage_of(k) == stage:
                 continue
             item = self.pair_dataset[k]
@@ -308,10 +316,14 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             plain = rescale_field(result.pre_adam, grid)
             difficulty = float(pair_difficulty(plain, refined, self.target_factor, self.loss_crop, self.loss_weight))
             self.bank.put(k, refined[0], difficulty, stage)
+            computed.append(k)
             magnitudes.append(float(result.ddf.norm(dim=1).mean()))
             if self.labels and "fixed_label" in item:
-                dices.append(pair_metrics(item["fixed_label"], item["moving_label"], result.ddf, self.labels)[1])
+                summary = pair_metrics(item["fixed_label"], item["moving_label"], result.ddf, self.labels)[1]
+                dices.append(summary["dice"])
+        self.bank.share(computed)
         self.bank.complete(stage)
+        magnitudes, dices = gather_rows(magnitudes), gather_rows(dices)
         record = {
             "stage": stage,
             "seconds": time.perf_counter() - start,
@@ -320,9 +332,9 @@ class CyclicalSelfTrainer(SupervisedTrainer):
             "mean_difficulty": float(np.mean(self.bank.difficulty)),
         }
         if dices:
-            record["pseudo_label_dice"] = float(np.nanmean([d["dice"] for d in dices]))
+            record["pseudo_label_dice"] = float(np.nanmean(dices))
         logger.info("pseudo labels of stage %d: %s", stage, record)
-        if self.stage_dir is not None:
+        if self.stage_dir is not None and is_rank0():
             history_file = self.stage_dir / "stage_history.json"
             history = json.loads(history_file.read_text()) if history_file.is_file() else []
             atomic_json_dump([h for h in history if h["stage"] != stage] + [record], history_file)

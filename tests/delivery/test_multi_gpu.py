@@ -145,6 +145,40 @@ def test_gradient_sync_routed_ddp_and_optimizer_hook() -> None:
     assert results[1][2] == ["ValidationHandler"]
 
 
+def _refresh_worker(rank: int, init_file: str, folder: str, storage: str, results: Any) -> None:
+    from tests.unit.test_self_training import make_trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        trainer = make_trainer(Path(folder), storage=storage)[0]
+        trainer.state.device = torch.device("cpu")
+        computed, put = [], trainer.bank.put
+        trainer.bank.put = lambda k, *args, **kwargs: (computed.append(k), put(k, *args, **kwargs))
+        trainer.refresh_pseudo_labels(0)
+        results[rank] = (computed, trainer.bank.load(range(3)), trainer.bank.difficulty, trainer.bank.stage)
+    finally:
+        destroy_process_group()
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_pseudo_label_refresh_is_split_over_ranks_and_equals_one_process(storage: str, tmp_path: Path) -> None:
+    from tests.unit.test_self_training import make_trainer
+
+    single = make_trainer(tmp_path / "single", storage=storage)[0]
+    single.state.device = torch.device("cpu")
+    single.refresh_pseudo_labels(0)
+    manager = mp.get_context("fork").Manager()
+    results = manager.dict()
+    args = (str(tmp_path / "init"), str(tmp_path / "dist"), storage, results)
+    mp.start_processes(_refresh_worker, args=args, nprocs=2, start_method="fork")
+    results = dict(results)
+    assert results[0][0] == [0, 2] and results[1][0] == [1], "pairs are dealt round-robin, each computed once"
+    for rank in (0, 1):
+        _, fields_, difficulty, stage = results[rank]
+        torch.testing.assert_close(fields_, single.bank.load(range(3)))
+        assert difficulty == pytest.approx(single.bank.difficulty) and stage == 0
+
+
 # ------------------------------------------------------------------------------------------------- bundle configs
 def _case(name: str, tmp_path: Path):
     case = tiny_case(write_tiny_bundle(tmp_path / "src")) if name == TINY else harness_case(name)
