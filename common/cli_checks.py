@@ -26,6 +26,7 @@ __all__ = [
     "check_batch_fits",
     "check_config",
     "check_min_items",
+    "check_needs_config",
     "check_output_dir_free",
     "check_together",
 ]
@@ -134,6 +135,20 @@ def check_together(values: Mapping[str, Any], reason: str) -> bool:
         raise ConfigOverrideError(
             f"config id(s) {given} are set but {missing} are not: {reason}. "
             "Fix: " + " ".join(f"--{k} <value>" for k in missing)
+        )
+    return True
+
+
+def check_needs_config(values: Mapping[str, Any], config: str) -> bool:
+    """Ids that only a layered config file uses: refuse them set (truthy) without ``config``.
+
+    Why: an override of an id the running configs do not read is silently ignored (no file written, no error).
+    """
+    given = [k for k, v in values.items() if v]
+    if given:
+        raise ConfigOverrideError(
+            f"config id(s) {given} are set but only {config} uses them. "
+            f"Fix: add '{config}' to --config_file (after the base config), or leave them unset"
         )
     return True
 

@@ -67,6 +67,8 @@ RANK0_ONLY_HANDLERS = frozenset(
         "MLFlowHandler",
         "ClearMLStatsHandler",
         "ClearMLImageHandler",
+        "ProgressBar",
+        "OverlayPreviewHandler",
     }
 )
 

@@ -35,6 +35,7 @@ from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from torch import nn
 
+from common.engines.progress import progress
 from common.engines.sst_data import (
     FlowDataset,
     RandomPairDataset,
@@ -499,12 +500,16 @@ def extract_flows(
     flow_net: FlowNet,
     out_dir: str | Path,
     device: torch.device | str = "cpu",
+    native_pose: bool = True,
 ) -> Path:
     """S3: save phi_t (``[D, *S]`` voxels, float32) for every pool image as ``<name>.pt``; ``index.json`` last.
 
     ``index.json`` is the stage's completion marker. ``appearance=None`` is the "w/o appearance model" ablation. With
-    affine pre-alignment the stored flow is the whole atlas -> native-image field (the affine composed with the flow
-    to the aligned image), so the flow AAE and the generated pairs keep the pool's pose variation.
+    affine pre-alignment and ``native_pose`` the stored flow is the whole atlas -> native-image field (the affine
+    composed with the flow to the aligned image), so the flow AAE and the generated pairs keep the pool's pose
+    variation; without ``native_pose`` it is the flow to the aligned image only, and the generated pairs stay in the
+    atlas's pose (config ``unet_space="atlas"``: the U-Net then segments aligned images,
+    `common.engines.sst_inference.AtlasSpaceInferer`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -513,9 +518,10 @@ def extract_flows(
             m.eval()
     base = data.base_image[None].to(device) * 2 - 1
     files = []
-    for i, (name, image) in enumerate(zip(data.names, data.images, strict=True)):
+    pool = enumerate(zip(data.names, data.images, strict=True))
+    for i, (name, image) in progress(pool, "S3 extracting flows", total=len(data.names)):
         ddf = _base_to_target_flow(base, image[None].to(device) * 2 - 1, key_encoder, appearance, flow_net)
-        if data.matrices is not None:
+        if data.matrices is not None and native_pose:
             ddf = to_subject_grid(ddf, data.matrices[i])
         atomic_torch_save(plain_tensor(ddf[0]).cpu(), out / f"{name}.pt")
         files.append(f"{name}.pt")
@@ -560,7 +566,7 @@ def evaluate_atlas_registration(
     base = data.base_image[None].to(device) * 2 - 1
     base_label = data.base_label[None].to(device)
     rows = []
-    for entry in entries:
+    for entry in progress(entries, "atlas registration (Reg.)", total=len(entries)):
         loaded = transform({"image": entry["image"], "label": entry["label"]})
         target = plain_tensor(loaded["image"]).float()[None].to(device)
         matrix = None
@@ -698,7 +704,7 @@ def generate_pairs(
         return appearance(base, style.to(device)) if appearance is not None else base
 
     entries = []
-    for i in range(int(num_pairs)):
+    for i in progress(range(int(num_pairs)), "S5 generating pairs"):
         z = sample_flow_codes(flow_aae, 1, latent_shape, flow_code_sampler, flows, mix, rng, generator, device, i)
         style = sample_normal_prior(1, style_dim, normalize=True, generator=generator)
         ddf = decode(z)

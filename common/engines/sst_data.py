@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from common.data.atlas import select_atlas_closest_to_mean
 from common.data.datalist import load_datalist, read_datalist_json
 from common.data.validate import validate_image_label
+from common.engines.progress import progress
 from common.io import atomic_torch_save
 from common.registration import fields
 from common.registration.affine import affine_ddf, invert_affine, prealign
@@ -115,7 +116,7 @@ def align_to_atlas(
     mask = _atlas_mask(base_label, options.pop("mask_margin", None))
     stack = torch.stack(list(images)) if not torch.is_tensor(images) else images
     out = []
-    for start in range(0, stack.shape[0], batch_size):
+    for start in progress(range(0, stack.shape[0], batch_size), "affine pre-alignment (batches)"):
         moving = stack[start : start + batch_size].float()
         with torch.enable_grad():  # instance optimisation, also when called from no_grad inference code
             result = prealign(moving, base_image[None].float(), fixed_mask=mask, **options)
@@ -163,6 +164,7 @@ def prepare_sst_data(
     affine_prealign: bool = False,
     affine_options: Mapping[str, Any] | None = None,
     affine_cache: str | Path | None = None,
+    atlas_space_file: str | Path | None = None,
 ) -> SSTData:
     """Load the unlabelled pool and the atlas from the ``section`` of ``datalist`` through ``transform``.
 
@@ -171,7 +173,9 @@ def prepare_sst_data(
     pool average (the paper's "most similar image to the anatomical average"), an int is an index into the section, a
     str a subject name. Only the atlas's label is read; the other images are used without labels. Validation and test
     sections are never touched. ``affine_prealign`` aligns the pool to the atlas (module docstring), with
-    ``affine_options`` (``prealign`` arguments + ``mask_margin``), cached in ``affine_cache``.
+    ``affine_options`` (``prealign`` arguments + ``mask_margin``), cached in ``affine_cache``; the atlas and those
+    options are also written to ``atlas_space_file`` for inference in the atlas's space
+    (`common.engines.sst_inference.AtlasSpaceInferer`).
     """
     entries = load_datalist(datalist, section, require_label=False, validate=False)  # the transform checks each file
     if max_images is not None:
@@ -185,7 +189,7 @@ def prepare_sst_data(
             f"atlas index {atlas} is out of range: section '{section}' of {datalist} has {len(entries)} images. "
             f"Fix: pass --atlas between 0 and {len(entries) - 1}, a subject name, or None (closest to the mean)"
         )
-    images = [transform({"image": e["image"]})["image"] for e in entries]
+    images = [transform({"image": e["image"]})["image"] for e in progress(entries, f"loading {section} images")]
     if atlas is None:
         index = select_atlas_closest_to_mean([img[0] for img in images])
     elif isinstance(atlas, str):
@@ -222,6 +226,9 @@ def prepare_sst_data(
         )
         data.images = _aligned(data.images, data.matrices)
         data.affine_options = options
+        if atlas_space_file is not None:
+            state = {"base_image": data.base_image, "base_label": data.base_label, "options": options}
+            atomic_torch_save(state, atlas_space_file)
     return data
 
 

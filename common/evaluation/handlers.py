@@ -1,6 +1,7 @@
-"""Ignite handler that turns an evaluator run into per-case, per-label reports (CSV/JSON/markdown + box plot).
+"""Ignite handlers for evaluator runs: per-case, per-label reports (CSV/JSON/markdown + box plot) and PNG previews.
 
-Attach it through a bundle config's handler list, e.g. in ``validate#handlers`` or inference ``handlers``::
+Attach the report handler through a bundle config's handler list, e.g. in ``validate#handlers`` or inference
+``handlers``::
 
     {"_target_": "common.evaluation.handlers.SegmentationReportHandler",
      "labels": {"1": "RV", "2": "MYO", "3": "LV"}, "output_dir": "@output_dir"}
@@ -9,6 +10,8 @@ It reads the output MONAI's evaluators leave in ``engine.state.output`` after de
 numbers are those of the saved predictions. The mean Dice it stores in ``engine.state.metrics`` is written at
 EPOCH_COMPLETED, after MONAI has already compared key metrics; to select the best checkpoint by mean Dice use MONAI's
 ``MeanDice`` handler as ``key_metric`` (an ignite ``Metric``) and keep this handler for the detailed report.
+
+``OverlayPreviewHandler`` only draws the first few cases (image, prediction, ground truth), e.g. during validation.
 """
 
 from __future__ import annotations
@@ -69,6 +72,28 @@ def case_name(x, default: str) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def save_case_overlay(
+    image, pred, gt, path: Path, spatial_dims: int, spacing: Sequence[float] | None = None, title: str | None = None
+) -> Path | None:
+    """``path``: the image (first channel) bare, under the prediction and under the ground truth (label maps, one-hot
+    or scores; see `_to_label_map`). None, with a warning, when the image is on another grid than the labels (the
+    preprocessing of the image key was not inverted), since the overlay would be misaligned."""
+    image = image[0] if image.ndim == spatial_dims + 1 else image  # first channel of [C, *spatial]
+    pred, gt = _to_label_map(pred, spatial_dims), _to_label_map(gt, spatial_dims)
+    if tuple(image.shape) != tuple(gt.shape) or tuple(pred.shape) != tuple(gt.shape):
+        logger.warning(
+            "no preview %s: image %s, prediction %s and ground truth %s differ in shape (invert the image's "
+            "preprocessing too)",
+            path.name,
+            tuple(image.shape),
+            tuple(pred.shape),
+            tuple(gt.shape),
+        )
+        return None
+    maps = {"prediction": pred.cpu(), "ground truth": gt.cpu()}
+    return save_overlay_png(image, maps, path, spacing=spacing, title=title)
 
 
 class SegmentationReportHandler:
@@ -197,10 +222,8 @@ class SegmentationReportHandler:
                 self.deformation_rows.append({"case": case, **deformation_stats(item[self.ddf_key])})
             if self.image_key is not None and self._count < self.num_overlays and self.image_key in item:
                 path = self.output_dir / f"{self.name}_{case}.png"
-                image = item[self.image_key]
-                image = image[0] if image.ndim == self.spatial_dims + 1 else image  # first channel of [C, *spatial]
-                maps = {"prediction": pred.cpu(), "ground truth": gt.cpu()}
-                self.written.append(save_overlay_png(image, maps, path, spacing=spacing, title=case))
+                written = save_case_overlay(item[self.image_key], pred, gt, path, self.spatial_dims, spacing, case)
+                self.written += [written] if written is not None else []
             self._count += 1
 
     @staticmethod
@@ -248,3 +271,86 @@ class SegmentationReportHandler:
             len({r["case"] for r in label_rows}),
             self.output_dir,
         )
+
+
+class OverlayPreviewHandler:
+    """PNG previews of the first ``num_previews`` cases of every evaluator run: image, prediction, ground truth.
+
+    Why: a glance at validation during training (is the network segmenting anything, is the overlay on the anatomy)
+    without a full report. Written to ``<output_dir>/<name>_<case>.png``, where the case name comes from the ground
+    truth's file name (made unique with the item index when several items share it, e.g. registration pairs with one
+    fixed image); the same cases are overwritten at each validation, so the folder stays small. The image and both
+    label maps must be on one grid (invert the image's preprocessing with the prediction's). Only rank 0 writes.
+
+    Args:
+        output_dir: folder of the PNGs.
+        num_previews: how many cases per run (0 disables the handler).
+        name: file name prefix.
+        image_key, pred_key, label_key: keys of a decollated output item (or of a batched output dict).
+        spatial_dims: 3 for volumes, 2 for slices; label items are ``[C, *spatial]`` (one-hot, scores or a label map).
+        spacing: ``"meta"`` (from the label's affine, see `spacing_from_meta`), a sequence, or None.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        num_previews: int = 2,
+        name: str = "preview",
+        image_key: str = "image",
+        pred_key: str = "pred",
+        label_key: str = "label",
+        spatial_dims: int = 3,
+        spacing: str | Sequence[float] | None = "meta",
+    ) -> None:
+        if int(num_previews) < 0:
+            raise ValueError(f"num_previews must be >= 0, got {num_previews}")
+        if isinstance(spacing, str) and spacing != "meta":
+            raise ValueError(f"spacing must be 'meta', a sequence or None, got {spacing!r}")
+        self.output_dir = Path(output_dir)
+        self.num_previews = int(num_previews)
+        self.name = name
+        self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
+        self.spatial_dims = spatial_dims
+        self.spacing = spacing
+        self._count = 0
+        self._cases: set[str] = set()
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.num_previews > 0:
+            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self._count = 0
+        self._cases = set()
+        self.written = []
+
+    def _items(self, output) -> list[Mapping]:
+        if isinstance(output, Mapping):  # not decollated: batched tensors
+            keys = [k for k in (self.image_key, self.pred_key, self.label_key) if output.get(k) is not None]
+            return [{k: output[k][i] for k in keys} for i in range(len(output[self.pred_key]))]
+        return list(output or [])
+
+    def __call__(self, engine: Engine) -> None:
+        if get_rank() != 0:
+            return
+        for item in self._items(engine.state.output):
+            if self._count >= self.num_previews:
+                return
+            if any(item.get(k) is None for k in (self.image_key, self.pred_key, self.label_key)):
+                raise KeyError(
+                    f"OverlayPreviewHandler: output item has keys {sorted(item)}, expected {self.image_key!r}, "
+                    f"{self.pred_key!r} and {self.label_key!r}"
+                )
+            label = item[self.label_key]
+            case = case_name(label, f"case{self._count:04d}")
+            case = f"{case}_{self._count:02d}" if case in self._cases else case
+            self._cases.add(case)
+            spacing = spacing_from_meta(label, self.spatial_dims) if self.spacing == "meta" else self.spacing
+            path = self.output_dir / f"{self.name}_{case}.png"
+            written = save_case_overlay(
+                item[self.image_key], item[self.pred_key], label, path, self.spatial_dims, spacing, case
+            )
+            self.written += [written] if written is not None else []
+            self._count += 1

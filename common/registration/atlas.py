@@ -8,13 +8,17 @@ atlas labels with exp(-z), which needs a network with ``inverse_ddf`` (CLMorphNe
 
 Probabilistic networks (``network(pair, sample=True)`` draws z ~ q) give per-voxel label frequencies over samples,
 from which the inferer derives a Monte-Carlo segmentation and an entropy map.
+
+`AtlasLabelTransfer` holds the one implementation of "register the atlases to the subject, warp their labels, fuse";
+`AtlasRegistrationInferer` (the registration network as the inferer's ``network``) and
+`common.registration.atlas_segmenter.AtlasSegmentationNet` (a segmentation ``nn.Module``) both run it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -28,17 +32,20 @@ from common.registration.affine import affine_ddf, compose_with_affine, invert_a
 from common.registration.fields import warp, warp_labels
 
 __all__ = [
+    "AtlasLabelTransfer",
     "AtlasRegistrationInferer",
     "PairRegistrationInferer",
     "atlas_onto_subject_affine",
     "fuse_labels",
     "global_ncc",
     "label_entropy",
+    "load_atlases",
     "local_similarity_weights",
     "rank_by_closeness_to_mean",
     "SaveOverlayPNGd",
     "select_atlas",
     "select_atlases",
+    "TransferResult",
 ]
 
 FUSIONS = ("majority", "global", "local")
@@ -180,7 +187,8 @@ def fuse_labels(
     ``weights`` broadcasts to ``[K, B, 1, *S]`` (None = majority vote). Ties go to the lower label value. Returns the
     fused label map ``[B, 1, *S]`` (same dtype as ``values``) and the normalised votes ``[B, len(values), *S]``.
     """
-    votes = torch.stack([(label_maps == v).to(torch.float32) for v in values], dim=2)[:, :, :, 0]  # [K, B, V, *S]
+    grid = values.view(1, 1, -1, *([1] * (label_maps.ndim - 3)))
+    votes = (label_maps == grid).to(torch.float32)  # [K, B, V, *S]: one comparison, no loop over values (traceable)
     if weights is not None:
         votes = votes * weights.to(votes)
     votes = votes.sum(0)
@@ -220,12 +228,184 @@ def atlas_onto_subject_affine(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# label transfer, shared by the inferer and the segmentation network
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_atlases(
+    atlases: Sequence[Mapping[str, Any]],
+    transform: Callable[[dict], dict] | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Atlas images ``[K, 1, *S]`` (float32) and label maps ``[K, 1, *S]`` (int64) of ``atlases`` after ``transform``.
+
+    Each atlas is ``{image_key: path or array, label_key: path or array}``; the transform gives all of them one grid.
+    """
+    if not atlases:
+        raise ValueError("no atlas given: atlas segmentation needs at least one labelled atlas")
+    images, labels = [], []
+    for atlas in atlases:
+        item = {image_key: atlas[image_key], label_key: atlas[label_key]}
+        item = transform(item) if transform is not None else item
+        images.append(torch.as_tensor(_plain(item[image_key]), dtype=torch.float32))
+        labels.append(torch.as_tensor(_plain(item[label_key])))
+    shapes = {tuple(t.shape) for t in images + labels}
+    if len(shapes) != 1:
+        raise ValueError(f"atlas images/labels differ in shape after the transform: {sorted(shapes)}")
+    return torch.stack(images), torch.stack(labels).round().to(torch.int64)
+
+
+class TransferResult(NamedTuple):
+    """Fused labels ``seg`` ``[B, 1, *S]``, normalised votes ``probs`` ``[B, V, *S]``, the first atlas's field ``ddf``
+    (atlas -> subject) and its warped image ``warped`` (None unless computed)."""
+
+    seg: torch.Tensor
+    probs: torch.Tensor
+    ddf: torch.Tensor
+    warped: torch.Tensor | None
+
+
+class AtlasLabelTransfer:
+    """Register K atlases to a subject with a registration network, warp the atlas labels, fuse them.
+
+    ``network(pair) -> ddf`` with ``pair = [B, 2, *S]`` = (moving, fixed); atlases are ``images``/``labels``
+    ``[K, 1, *S]`` on the subject's grid (see `load_atlases`).
+
+    Args:
+        direction: "atlas_to_subject" (atlas moving, subject fixed, labels warped by the ddf) or "inverse"
+            (subject moving, atlas fixed, labels warped by exp(-z); needs ``network.inverse_ddf``).
+        fusion: "majority", "global" (weights = max(NCC, 0) of warped atlas vs subject) or "local" (locally weighted
+            voting, `local_similarity_weights`).
+        local_sigma: Gaussian sigma (voxels) of the local weights.
+        affine_prealign: align each atlas affinely onto the subject first (`atlas_onto_subject_affine`), run the
+            network on the aligned atlas and warp the labels once with affine + deformable composed into one field
+            (`common.registration.affine.compose_with_affine`). For data that is not pre-aligned.
+        affine_kwargs: keyword arguments of `common.registration.affine.prealign` (``mode``, ``similarity``,
+            ``frozen_axes``, ``levels``, ``iterations``, ...).
+    """
+
+    def __init__(
+        self,
+        direction: str = "atlas_to_subject",
+        fusion: str = "majority",
+        local_sigma: float = 2.0,
+        affine_prealign: bool = False,
+        affine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if direction not in ("atlas_to_subject", "inverse"):
+            raise ValueError(f"direction must be 'atlas_to_subject' or 'inverse', got {direction!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.direction, self.fusion, self.local_sigma = direction, fusion, float(local_sigma)
+        self.affine_prealign, self.affine_kwargs = bool(affine_prealign), dict(affine_kwargs or {})
+
+    def matrices(self, images: torch.Tensor, subject: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per atlas, the affine matrix onto ``subject`` (None without ``affine_prealign``)."""
+        if not self.affine_prealign:
+            return [None] * images.shape[0]
+        return [atlas_onto_subject_affine(images[k : k + 1], subject, self.affine_kwargs) for k in range(len(images))]
+
+    def _network_field(
+        self, network: Callable, atlas: torch.Tensor, subject: torch.Tensor, sample: bool
+    ) -> torch.Tensor:
+        if self.direction == "atlas_to_subject":
+            pair = torch.cat([atlas.expand_as(subject), subject], 1)
+            return network(pair, sample=True) if sample else network(pair)
+        inverse = getattr(network, "inverse_ddf", None)
+        if inverse is None:
+            raise ValueError("direction='inverse' needs a network with inverse_ddf (e.g. CLMorphNet)")
+        pair = torch.cat([subject, atlas.expand_as(subject)], 1)
+        return inverse(pair, sample=True) if sample else inverse(pair)
+
+    def field(
+        self,
+        network: Callable,
+        atlas: torch.Tensor,
+        subject: torch.Tensor,
+        matrix: torch.Tensor | None = None,
+        sample: bool = False,
+    ) -> torch.Tensor:
+        """Atlas -> subject field ``[B, D, *S]``: the network's alone, or affine (``matrix``) then network as one."""
+        if matrix is None:
+            return self._network_field(network, atlas, subject, sample)
+        aligned = warp(atlas.expand_as(subject), affine_ddf(matrix, subject.shape[2:]).to(subject.dtype))
+        return compose_with_affine(matrix, self._network_field(network, aligned, subject, sample))
+
+    def _warp_atlas(
+        self,
+        network: Callable,
+        image: torch.Tensor,
+        label: torch.Tensor,
+        subject: torch.Tensor,
+        matrix: torch.Tensor | None,
+        sample: bool,
+        with_image: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One atlas (``[1, 1, *S]``) onto ``subject``: its field, warped labels and (``with_image``) warped image."""
+        ddf = self.field(network, image, subject, matrix, sample)
+        warped_label = warp_labels(label.expand(subject.shape[0], -1, *label.shape[2:]), ddf)
+        return ddf, warped_label, warp(image.expand_as(subject), ddf) if with_image else None
+
+    def sample_labels(
+        self,
+        network: Callable,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        subject: torch.Tensor,
+        matrices: Sequence[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """Every atlas's labels warped onto ``subject`` by a field sampled from the network: ``[K, B, 1, *S]``."""
+        return torch.stack(
+            [
+                self._warp_atlas(network, images[k : k + 1], labels[k : k + 1], subject, matrices[k], True, False)[1]
+                for k in range(images.shape[0])
+            ]
+        )
+
+    def weights(self, warped_images: torch.Tensor, subject: torch.Tensor) -> torch.Tensor | None:
+        """Fusion weights broadcasting to ``[K, B, 1, *S]`` from the warped atlas images (None = majority)."""
+        if self.fusion == "global":
+            weights = torch.stack([global_ncc(w, subject).clamp_min(0.0) + 1e-6 for w in warped_images])
+            return weights.view(len(warped_images), subject.shape[0], *([1] * (subject.ndim - 1)))
+        if self.fusion == "local":
+            return local_similarity_weights(warped_images, subject, self.local_sigma)
+        return None
+
+    def __call__(
+        self,
+        network: Callable,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        values: torch.Tensor,
+        subject: torch.Tensor,
+        matrices: Sequence[torch.Tensor | None] | None = None,
+        keep_warped: bool = False,
+    ) -> TransferResult:
+        """Segment ``subject`` ``[B, 1, *S]`` with the atlases (mean fields); votes over the label ``values``.
+
+        ``matrices``: the atlases' affine matrices when already computed (`matrices`); ``keep_warped``: also return
+        the first warped atlas image.
+        """
+        matrices = self.matrices(images, subject) if matrices is None else matrices
+        with_images = self.fusion != "majority" or keep_warped
+        warped = [
+            self._warp_atlas(network, images[k : k + 1], labels[k : k + 1], subject, matrices[k], False, with_images)
+            for k in range(images.shape[0])
+        ]
+        warped_images = torch.stack([w[2] for w in warped]) if with_images else None
+        weights = self.weights(warped_images, subject) if warped_images is not None else None
+        seg, probs = fuse_labels(torch.stack([w[1] for w in warped]), values, weights)
+        return TransferResult(seg, probs, warped[0][0], warped_images[0] if with_images else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # inferers
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 class AtlasRegistrationInferer(Inferer):
-    """Segment each input by registering one or several labelled atlases to it.
+    """Segment each input by registering one or several labelled atlases to it (`AtlasLabelTransfer`).
 
     Returns a dict (flatten it in postprocessing with ``FlattenSubKeysd(keys="pred")``):
     ``seg`` fused atlas labels ``[B, 1, *S]``; ``ddf`` and ``warped`` (the first atlas's field, atlas -> subject, and
@@ -237,19 +417,10 @@ class AtlasRegistrationInferer(Inferer):
         atlases: one or several ``{"image": path, "label": path}``.
         transform: applied to each atlas dict; must give the network's grid and intensity normalisation (normally
             the same spatial/intensity transforms as the subject's preprocessing).
-        direction: "atlas_to_subject" (atlas moving, subject fixed, labels warped by the ddf) or "inverse"
-            (subject moving, atlas fixed, labels warped by exp(-z); needs ``network.inverse_ddf``).
-        fusion: "majority", "global" (weights = max(NCC, 0) of warped atlas vs subject) or "local" (locally weighted
-            voting, `local_similarity_weights`).
+        direction, fusion, local_sigma, affine_prealign, affine_kwargs: see `AtlasLabelTransfer` (with
+            ``affine_prealign`` the ``ddf`` output is the composed affine + deformable field).
         num_samples: velocity samples per atlas for the uncertainty outputs (needs ``network(pair, sample=True)``).
         outputs: extra outputs among "ddf", "warped".
-        local_sigma: Gaussian sigma (voxels) of the local weights.
-        affine_prealign: align each atlas affinely onto the subject first (`atlas_onto_subject_affine`), run the
-            network on the aligned atlas and warp the labels once with affine + deformable composed into one field
-            (`common.registration.affine.compose_with_affine`). For data that is not pre-aligned (the paper's brains
-            are); the ``ddf`` output is then that composed field.
-        affine_kwargs: keyword arguments of `common.registration.affine.prealign` (``mode``, ``similarity``,
-            ``frozen_axes``, ``levels``, ``iterations``, ...).
     """
 
     def __init__(
@@ -267,97 +438,45 @@ class AtlasRegistrationInferer(Inferer):
         affine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if direction not in ("atlas_to_subject", "inverse"):
-            raise ValueError(f"direction must be 'atlas_to_subject' or 'inverse', got {direction!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.transfer = AtlasLabelTransfer(direction, fusion, local_sigma, affine_prealign, affine_kwargs)
         unknown = set(outputs) - {"ddf", "warped"}
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose among 'ddf', 'warped'")
         self.atlases = [atlases] if isinstance(atlases, Mapping) else list(atlases)
         if not self.atlases:
             raise ValueError("AtlasRegistrationInferer needs at least one atlas")
-        self.transform, self.direction, self.fusion = transform, direction, fusion
-        self.num_samples, self.outputs = int(num_samples), tuple(outputs)
-        self.image_key, self.label_key, self.local_sigma = image_key, label_key, float(local_sigma)
-        self.affine_prealign, self.affine_kwargs = bool(affine_prealign), dict(affine_kwargs or {})
+        self.transform, self.num_samples, self.outputs = transform, int(num_samples), tuple(outputs)
+        self.image_key, self.label_key = image_key, label_key
         self._cache: tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _prepared(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Atlas images ``[K, 1, 1, *S]``, labels ``[K, 1, 1, *S]`` and the sorted label values (cached)."""
+        """Atlas images ``[K, 1, *S]``, labels ``[K, 1, *S]`` and the sorted label values (cached per device)."""
         if self._cache is None or self._cache[0] != device:
-            images, labels = [], []
-            for atlas in self.atlases:
-                item = {self.image_key: atlas[self.image_key], self.label_key: atlas[self.label_key]}
-                item = self.transform(item) if self.transform is not None else item
-                images.append(torch.as_tensor(_plain(item[self.image_key]), dtype=torch.float32))
-                labels.append(torch.as_tensor(_plain(item[self.label_key])))
-            shapes = {tuple(t.shape) for t in images + labels}
-            if len(shapes) != 1:
-                raise ValueError(f"atlas images/labels differ in shape after the transform: {sorted(shapes)}")
-            image = torch.stack(images)[:, None].to(device)
-            label = torch.stack(labels)[:, None].round().to(device=device, dtype=torch.int64)
-            self._cache = (device, image, label, torch.unique(label))
+            images, labels = load_atlases(self.atlases, self.transform, self.image_key, self.label_key)
+            images, labels = images.to(device), labels.to(device)
+            self._cache = (device, images, labels, torch.unique(labels))
         return self._cache[1], self._cache[2], self._cache[3]
-
-    def _fields(self, network: Callable, atlas: torch.Tensor, subject: torch.Tensor, sample: bool) -> torch.Tensor:
-        if self.direction == "atlas_to_subject":
-            pair = torch.cat([atlas.expand_as(subject), subject], 1)
-            return network(pair, sample=True) if sample else network(pair)
-        inverse = getattr(network, "inverse_ddf", None)
-        if inverse is None:
-            raise ValueError("direction='inverse' needs a network with inverse_ddf (e.g. CLMorphNet)")
-        pair = torch.cat([subject, atlas.expand_as(subject)], 1)
-        return inverse(pair, sample=True) if sample else inverse(pair)
-
-    def _total_field(
-        self, network: Callable, atlas: torch.Tensor, subject: torch.Tensor, matrix: torch.Tensor | None, sample: bool
-    ) -> torch.Tensor:
-        """Atlas -> subject field: the network's alone, or affine (``matrix``) then network as one field."""
-        if matrix is None:
-            return self._fields(network, atlas, subject, sample)
-        aligned = warp(atlas.expand_as(subject), affine_ddf(matrix, subject.shape[2:]).to(subject.dtype))
-        return compose_with_affine(matrix, self._fields(network, aligned, subject, sample))
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         subject = _plain(inputs).float()
         images, labels, values = self._prepared(subject.device)
-        if images.shape[3:] != subject.shape[2:]:
+        if images.shape[2:] != subject.shape[2:]:
             raise ValueError(
-                f"atlas grid {tuple(images.shape[3:])} != input grid {tuple(subject.shape[2:])}: resample both to the "
+                f"atlas grid {tuple(images.shape[2:])} != input grid {tuple(subject.shape[2:])}: resample both to the "
                 "same size in the preprocessing (e.g. the bundle's image_size)"
             )
-        matrices = [None] * images.shape[0]
-        if self.affine_prealign:
-            matrices = [atlas_onto_subject_affine(images[k], subject, self.affine_kwargs) for k in range(len(images))]
-        warped_labels, warped_images, first_ddf = [], [], None
-        for k in range(images.shape[0]):
-            ddf = self._total_field(network, images[k], subject, matrices[k], sample=False)
-            first_ddf = ddf if first_ddf is None else first_ddf
-            warped_labels.append(warp_labels(labels[k].expand(subject.shape[0], -1, *labels.shape[3:]), ddf))
-            if self.fusion != "majority" or "warped" in self.outputs:
-                warped_images.append(warp(images[k].expand_as(subject), ddf))
-        stacked = torch.stack(warped_labels)
-        weights = None
-        if self.fusion == "global":
-            target = subject
-            weights = torch.stack([global_ncc(w, target).clamp_min(0.0) + 1e-6 for w in warped_images])
-            weights = weights.view(len(warped_images), subject.shape[0], *([1] * (subject.ndim - 1)))
-        elif self.fusion == "local":
-            weights = local_similarity_weights(torch.stack(warped_images), subject, self.local_sigma)
-        seg, _ = fuse_labels(stacked, values, weights)
-        result = {"seg": _like(inputs, seg.to(torch.float32))}
+        matrices = self.transfer.matrices(images, subject)
+        transfer = self.transfer(network, images, labels, values, subject, matrices, "warped" in self.outputs)
+        result = {"seg": _like(inputs, transfer.seg.to(torch.float32))}
         if "ddf" in self.outputs:
-            result["ddf"] = _like(inputs, first_ddf)
+            result["ddf"] = _like(inputs, transfer.ddf)
         if "warped" in self.outputs:
-            result["warped"] = _like(inputs, warped_images[0])
+            result["warped"] = _like(inputs, transfer.warped)
         if self.num_samples > 0:
-            samples = []
-            for k in range(images.shape[0]):
-                for _ in range(self.num_samples):
-                    ddf = self._total_field(network, images[k], subject, matrices[k], sample=True)
-                    samples.append(warp_labels(labels[k].expand(subject.shape[0], -1, *labels.shape[3:]), ddf))
-            seg_mc, probs = fuse_labels(torch.stack(samples), values)
+            samples = [
+                self.transfer.sample_labels(network, images, labels, subject, matrices) for _ in range(self.num_samples)
+            ]
+            seg_mc, probs = fuse_labels(torch.cat(samples), values)
             result["seg_mc"] = _like(inputs, seg_mc.to(torch.float32))
             result["entropy"] = _like(inputs, label_entropy(probs))
         return result

@@ -80,6 +80,8 @@ def box_filter(x: torch.Tensor, times: int = 1) -> torch.Tensor:
     """
     if times <= 0:
         return x
+    if torch.jit.is_tracing():  # a custom autograd Function cannot be exported; the plain ops give the same values
+        return _box3_repeated(x, int(times))
     return _BoxFilter.apply(x, int(times))
 
 
@@ -102,20 +104,24 @@ def _shifted_slices(shape: Sequence[int], radius: int) -> list[tuple[slice, ...]
     return [tuple(slice(radius + d, radius + d + n) for d, n in zip(delta, shape)) for delta in table]
 
 
+def _sad_cost(fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
+    shape = fixed.shape[2:]
+    padded = F.pad(moving, [radius] * (2 * len(shape)))
+    slices = _shifted_slices(shape, radius)
+    cost = torch.empty(fixed.shape[0], len(slices), *shape, dtype=fixed.dtype, device=fixed.device)
+    for k, window in enumerate(slices):
+        cost[:, k] = (fixed - padded[(..., *window)]).abs_().sum(1)
+    return cost
+
+
 class _SADCost(torch.autograd.Function):
     """Sum of absolute differences per displacement; backward recomputes the signs instead of storing K copies."""
 
     @staticmethod
     def forward(ctx, fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
-        shape = fixed.shape[2:]
-        padded = F.pad(moving, [radius] * (2 * len(shape)))
-        slices = _shifted_slices(shape, radius)
-        cost = torch.empty(fixed.shape[0], len(slices), *shape, dtype=fixed.dtype, device=fixed.device)
-        for k, window in enumerate(slices):
-            cost[:, k] = (fixed - padded[(..., *window)]).abs_().sum(1)
         ctx.radius = radius
         ctx.save_for_backward(fixed, moving)
-        return cost
+        return _sad_cost(fixed, moving, radius)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -140,7 +146,10 @@ def sad_cost_volume(fixed: torch.Tensor, moving: torch.Tensor, radius: int = 2, 
     """
     if fixed.shape != moving.shape:
         raise ValueError(f"feature maps differ in shape: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
-    cost = _SADCost.apply(fixed, moving, int(radius))
+    # a custom autograd Function cannot be exported by a trace; the plain forward gives the same values
+    cost = (
+        _sad_cost(fixed, moving, int(radius)) if torch.jit.is_tracing() else _SADCost.apply(fixed, moving, int(radius))
+    )
     return box_filter(cost) if smooth else cost
 
 

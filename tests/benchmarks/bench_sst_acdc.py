@@ -5,10 +5,12 @@ structure (RV, MYO, LV) on held-out patients, in the preprocessed grid (voxel un
 Runs the bundle's stage configs in-process (``common.engines.sst.run_stages``) at a reduced CPU budget.
 
     nice -n 10 env OMP_NUM_THREADS=1 python -m tests.benchmarks.bench_sst_acdc [--out bench_output/sst_acdc]
-        [--prealign] [--skip-ablation]
+        [--prealign [--unet-space atlas]] [--skip-ablation]
 
 ``--prealign`` layers ``configs/dataset_acdc.json`` (affine pre-alignment of the pool and of the "Reg." test images
-to the atlas) and trains S2 for ``PREALIGN_JOINT_ITERATIONS``; ``--skip-ablation`` runs the full SST variant only.
+to the atlas) and trains S2 for ``PREALIGN_JOINT_ITERATIONS``; ``--unet-space atlas`` keeps the generated pairs in
+the atlas's pose and aligns the U-Net's test images too. ``--skip-ablation`` runs the full SST variant only (else also
+"w/o appearance model" and "w/o joint optimisation", sharing S0/S1).
 
 Split of the 80 shared patients (the 20 hidden holdout patients are not available here): test = patient number
 % 5 == 1 (20 patients of the copy here), validation (U-Net model selection, as in the paper) = the first 4 with
@@ -172,8 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few iterations per stage (pipeline check only)")
     parser.add_argument("--prealign", action="store_true", help="affine pre-alignment (configs/dataset_acdc.json)")
     parser.add_argument("--skip-ablation", action="store_true", help="only the full SST variant")
+    parser.add_argument(
+        "--unet-space",
+        choices=("native", "atlas"),
+        default="native",
+        help="with --prealign: U-Net on pairs in each image's own pose (native) or in the atlas's pose (atlas)",
+    )
     args = parser.parse_args(argv)
     budget = dict(COMMON)
+    budget["unet_space"] = args.unet_space
     if args.prealign:
         budget.update(json.loads((BUNDLE / "configs" / "dataset_acdc.json").read_text()))
         budget["joint_pairs_per_epoch"] = PREALIGN_JOINT_ITERATIONS * budget["joint_batch_size"]
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     timings: dict = {}
     memory: dict = {}
-    full, no_app = out / "full", out / "no_app"
+    full, no_app, no_joint = out / "full", out / "no_app", out / "no_joint"
 
     def overrides(root: Path, **extra) -> dict:
         return {
@@ -215,16 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     run_variant(full, everything, overrides(full), timings, memory)
     variants = [full]
-    # ablation: no appearance model; S0/S1 are shared with the full run (same data, same seeds)
-    ablation = overrides(
-        no_app,
-        use_appearance=False,
-        registration_weights=str(full / "models" / "sst_registration.pt"),
-        style_weights=str(full / "models" / "sst_style.pt"),
-    )
+    # ablations (Table 2): no appearance model; no joint optimisation. S0/S1 are shared with the full run.
+    shared = {
+        "registration_weights": str(full / "models" / "sst_registration.pt"),
+        "style_weights": str(full / "models" / "sst_style.pt"),
+    }
+    ablations = {no_app: {"use_appearance": False}, no_joint: {"joint_optimisation": False}}
     if not args.skip_ablation:
-        run_variant(no_app, everything[2:], ablation, timings, memory)
-        variants.append(no_app)
+        for root, extra in ablations.items():
+            run_variant(root, everything[2:], overrides(root, **shared, **extra), timings, memory)
+            variants.append(root)
     wall = time.perf_counter() - start
 
     def load(path: Path) -> dict:
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if no_app in variants:
         rows["Reg. w/o appearance model"] = load(no_app / "eval" / "registration_report.json")
         rows["U-Net on pairs w/o appearance model"] = load(no_app / "eval" / "segmentation.json")
+    if no_joint in variants:
+        rows["U-Net on pairs w/o joint optimisation"] = load(no_joint / "eval" / "segmentation.json")
     rows["Full SST (U-Net on generated pairs)"] = load(full / "eval" / "segmentation.json")
     num_pairs = {
         v.name: len(json.loads((v / "work" / "generated" / "datalist.json").read_text())["training"]) for v in variants

@@ -18,7 +18,8 @@ The class then runs, against a tiny synthetic dataset written to a temporary fol
 
 * ``test_train`` - every training stage through ``monai.bundle.ConfigWorkflow`` (``initialize``,
   ``check_properties`` with no failing property, ``run``, ``finalize``); each checkpoint in ``checkpoint_files`` must
-  load and hold only finite tensors;
+  load and hold only finite tensors, and each glob of ``train_outputs`` (default: a validation PNG preview and a
+  TensorBoard event file) must match a non-empty file under the ``output_dir`` of some training stage;
 * ``test_train_evaluate`` - ``[train.json, evaluate.json]`` as the ``train`` workflow; the metric files must exist;
 * ``test_infer`` - ``inference.json`` as the ``infer`` workflow with the trained weights; one prediction NIfTI per input
   with the input's affine and spatial shape (and only known label values for label maps);
@@ -80,6 +81,7 @@ class BundleCase:
     cli_overrides: dict[str, Any] | None = None  # default: overrides + train_overrides
     cli_stage: int = 0
     checkpoint_files: list[str] = field(default_factory=lambda: ["model.pt"])
+    train_outputs: list[str] = field(default_factory=lambda: ["validation/*.png", "events.out.tfevents.*"])
     evaluate_outputs: list[str] = field(default_factory=lambda: ["*.csv"])
     infer_section: str = "test"
     prediction_glob: str = "**/*.nii.gz"
@@ -314,6 +316,10 @@ class BundleTestSuite:
             assert tensors, f"{path} holds no floating-point tensor"
             bad = [i for i, t in enumerate(tensors) if not torch.isfinite(t).all()]
             assert not bad, f"{path}: {len(bad)} tensors contain NaN/Inf"
+        stage_dirs = [trained["tmp"] / f"train_stage{i}" for i in range(len(self.case.train_stages))]
+        for pattern in self.case.train_outputs:
+            found = [p for d in stage_dirs for p in d.glob(pattern) if p.is_file() and p.stat().st_size > 0]
+            assert found, f"training wrote no non-empty file matching {pattern!r} under {[str(d) for d in stage_dirs]}"
 
     def test_train_evaluate(self, trained: dict[str, Path]) -> None:
         self._skip_if_requested("test_train_evaluate")

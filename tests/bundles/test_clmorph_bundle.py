@@ -1,11 +1,16 @@
-"""CLMorph bundle through the shared harness (tiny synthetic brain set, 1 epoch)."""
+"""CLMorph bundle through the shared harness (tiny synthetic brain set, 1 epoch): ``network_def`` is the atlas
+segmenter; the registration-network variants (extra atlas outputs, pair registration) run as extra tests."""
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from tests.bundles.harness import BundleCase, make_bundle_tests
+from common.cli_checks import ConfigOverrideError
+from tests.bundles.harness import BundleCase, make_bundle_tests, run_workflow
+from tests.robustness.support import describe, find_error
 
 CASE = BundleCase(
     name="clmorph_brain_mri_registration",
@@ -27,25 +32,43 @@ CASE = BundleCase(
         "decoder_channels": [8, 8, 8, 8, 8, 8, 8],
         "save_overlays": 1,
     },
-    infer_overrides={
-        "encoder_channels": [8, 8, 8, 8],
-        "decoder_channels": [8, 8, 8, 8, 8, 8, 8],
-        "num_samples": 2,
-        "save_ddf": True,
-        "save_warped": True,
-        "save_png": True,
-    },
+    infer_overrides={"encoder_channels": [8, 8, 8, 8], "decoder_channels": [8, 8, 8, 8, 8, 8, 8], "save_png": True},
     evaluate_outputs=["segmentation.csv", "segmentation.json", "segmentation_deformation.csv", "*_dice_boxplot.png"],
     prediction_glob="*_seg.nii.gz",
     require_foreground=True,
     use_trace=True,
-    export_input_shape=(1, 2, 32, 32, 32),
+    export_input_shape=(1, 1, 32, 32, 32),
     net_io_kwargs={},
 )
 
 
 class TestClmorphBundle(make_bundle_tests(CASE)):
-    """The harness tests plus the bundle's registration mode (one moving/fixed pair -> warped image and field)."""
+    """The harness tests plus the atlas outputs of the registration network and the registration mode."""
+
+    def test_atlas_outputs(self, trained: dict[str, Path]) -> None:
+        """``inference_atlas_outputs.json``: the same segmentation as the segmenter network (one implementation) plus
+        field, warped atlas, MC segmentation and entropy; without that file the same switches are refused."""
+        extra = {**CASE.infer_overrides, "num_samples": 2, "save_ddf": True, "save_warped": True}
+        overrides = self._overrides(trained, "atlas_outputs", extra)
+        configs = ["configs/inference.json", "configs/inference_atlas_outputs.json"]
+        self._run_checked(configs, "infer", overrides)
+        out = Path(overrides["output_dir"])
+        tests = json.loads(trained["datalist"].read_text())["test"]
+        for entry in tests:
+            stem = Path(entry["image"]).name.removesuffix(".nii.gz")
+            written = {p.name.removeprefix(stem) for p in out.glob(f"{stem}_*")}
+            expected = {"_seg.nii.gz", "_seg_mc.nii.gz", "_entropy.nii.gz", "_ddf.nii.gz", "_warped_atlas.nii.gz"}
+            assert expected | {"_overlay.png"} == written, written
+        plain = self._overrides(trained, "atlas_outputs_plain", CASE.infer_overrides)
+        self._run_checked(["configs/inference.json"], "infer", plain)
+        for seg in sorted(out.glob("*_seg.nii.gz")):
+            same = nib.load(str(Path(plain["output_dir"]) / seg.name))
+            assert np.array_equal(np.asarray(same.dataobj), np.asarray(nib.load(str(seg)).dataobj)), seg.name
+        with pytest.raises(BaseException) as info:
+            refused = {**overrides, "output_dir": str(out) + "_refused"}
+            run_workflow(CASE.bundle_root, ["configs/inference.json"], "infer", refused)
+        found = find_error(info.value, ConfigOverrideError)
+        assert found is not None and "inference_atlas_outputs.json" in str(found), describe(info.value)
 
     def test_registration_mode(self, trained: dict[str, Path]) -> None:
         images = sorted((trained["data_dir"] / "imagesTr").glob("*.nii.gz"))

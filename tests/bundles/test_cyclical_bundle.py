@@ -1,5 +1,8 @@
 """Cyclical self-training bundle through the shared harness (tiny synthetic abdomen set, 2 stages of 2 iterations),
-plus its extra workflows: Fig. 1 stage curve and atlas-segmentation inference."""
+plus its extra workflows: Fig. 1 stage curve, pair registration, atlas outputs and affine pre-alignment.
+
+``network_def`` of inference is the atlas segmenter; the harness runs it without the Adam refinement
+(``test_use_adam`` False), which a trace export cannot record; the default (with Adam) runs in the extra tests."""
 
 import json
 from pathlib import Path
@@ -18,8 +21,10 @@ CASE = BundleCase(
     dataset_kwargs={"num_validation": 2, "num_test": 2},
     overrides=TINY,
     train_overrides={"num_stages": 2, "iterations_per_stage": 2, "loss_crop": 2, "checkpoint_interval": 1},
+    infer_overrides={"test_use_adam": False},
     evaluate_outputs=["registration.csv", "registration_pairs.json", "segmentation_dice_boxplot.png"],
-    prediction_glob="*_warped_label.nii.gz",
+    prediction_glob="*_seg.nii.gz",
+    require_foreground=True,
     use_trace=True,
     export_input_shape=(1, 1, 32, 32, 32),
 )
@@ -35,13 +40,24 @@ class TestCyclicalBundle(make_bundle_tests(CASE)):
         assert [r["checkpoint"] for r in rows] == ["stage_00", "stage_01", "stage_02"]
         assert all(0.0 <= r["mean_dice"] <= 1.0 for r in rows)
 
-    def test_atlas_inference(self, trained):
-        overrides = self._overrides(trained, "atlas")
-        files = ["configs/inference.json", "configs/inference_atlas.json"]
+    def test_registration_mode(self, trained):
+        """``inference_registration.json``: every i<j test pair -> field, warped image and warped label (Adam on)."""
+        overrides = self._overrides(trained, "pairs")
+        files = ["configs/inference.json", "configs/inference_registration.json"]
         assert not run_workflow(CASE.bundle_root, files, "infer", overrides)
-        segs = sorted(Path(overrides["output_dir"]).glob("*_seg.nii.gz"))
-        assert len(segs) == 2, segs
-        assert all(nib.load(str(p)).get_fdata().max() > 0 for p in segs)
+        out = Path(overrides["output_dir"])
+        for suffix in ("_ddf", "_warped", "_warped_label"):
+            assert len(sorted(out.glob(f"*_to_*{suffix}.nii.gz"))) == 1, suffix  # 2 test volumes -> 1 pair
+
+    def test_atlas_outputs(self, trained):
+        """``inference_atlas_outputs.json``: the segmentation plus the atlas field and the warped atlas image."""
+        overrides = self._overrides(trained, "atlas", {"save_ddf": True, "save_warped": True})
+        files = ["configs/inference.json", "configs/inference_atlas_outputs.json"]
+        assert not run_workflow(CASE.bundle_root, files, "infer", overrides)
+        out = Path(overrides["output_dir"])
+        for suffix in ("_seg", "_ddf", "_warped_atlas"):
+            assert len(sorted(out.glob(f"*{suffix}.nii.gz"))) == 2, suffix
+        assert all(nib.load(str(p)).get_fdata().max() > 0 for p in out.glob("*_seg.nii.gz"))
 
     def test_affine_prealign_train_and_infer(self, workspace):
         """``--affine_prealign True``: one matrix file per training pair beside the bank, and inference / atlas
@@ -56,11 +72,11 @@ class TestCyclicalBundle(make_bundle_tests(CASE)):
         assert len(matrices) == 3, matrices  # 3 training volumes -> 3 pairs
         infer = {**fast, "ckpt_dir": ckpt}
         overrides = self._overrides(workspace, "affine_infer", infer)
-        assert not run_workflow(CASE.bundle_root, ["configs/inference.json"], "infer", overrides)
+        files = ["configs/inference.json", "configs/inference_registration.json"]
+        assert not run_workflow(CASE.bundle_root, files, "infer", overrides)
         assert len(sorted(Path(overrides["output_dir"]).glob("*_warped_label.nii.gz"))) == 1
         overrides = self._overrides(workspace, "affine_atlas", infer)
-        files = ["configs/inference.json", "configs/inference_atlas.json"]
-        assert not run_workflow(CASE.bundle_root, files, "infer", overrides)
+        assert not run_workflow(CASE.bundle_root, ["configs/inference.json"], "infer", overrides)
         segs = sorted(Path(overrides["output_dir"]).glob("*_seg.nii.gz"))
         tests = json.loads(workspace["datalist"].read_text())["test"]
         assert [p.name for p in segs] == sorted(Path(e["image"]).name.replace(".nii.gz", "_seg.nii.gz") for e in tests)

@@ -315,10 +315,9 @@ NOT_APPLICABLE = {
     (SST, "atlas_without_label", "infer"),  # inference runs the U-Net, no atlas
     (CLMORPH, "batch_exceeds_data", "train"),  # pairs_per_epoch caps the batch, drop_last is false
     (CYCLICAL, "atlas_without_label", "train"),  # no atlas: pseudo-labels come from registration of all pairs
-    (CYCLICAL, "atlas_without_label", "infer"),  # (inference_atlas.json is the atlas variant, not covered here)
     (CYCLICAL, "batch_exceeds_data", "train"),  # the sampler draws iterations_per_stage * batch_size pairs
-    # only CLMorph inference takes an atlas from the command line
-    *[(b, "atlas_image_without_label", "infer") for b in (GLOBAL_LOCAL, SST, CYCLICAL)],
+    # only the atlas-segmentation inference (CLMorph, cyclical) takes an atlas from the command line
+    *[(b, "atlas_image_without_label", "infer") for b in (GLOBAL_LOCAL, SST)],
 }
 
 IMAGE_CASES = [

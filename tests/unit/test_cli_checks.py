@@ -9,6 +9,7 @@ from common.cli_checks import (
     check_batch_fits,
     check_config,
     check_min_items,
+    check_needs_config,
     check_output_dir_free,
     check_together,
 )
@@ -95,3 +96,12 @@ def test_together():
     assert check_together({"atlas_image": "a.nii", "atlas_label": "b.nii"}, "an atlas needs its label map")
     with pytest.raises(ConfigOverrideError, match=r"\['atlas_image'\] are set but \['atlas_label'\].*--atlas_label"):
         check_together({"atlas_image": "a.nii", "atlas_label": None}, "an atlas needs its label map")
+
+
+def test_needs_config():
+    layered = "configs/inference_atlas_outputs.json"
+    assert check_needs_config({"save_ddf": False, "num_samples": 0}, layered)
+    with pytest.raises(
+        ConfigOverrideError, match=r"\['num_samples'\] are set but only configs/inference_atlas_outputs"
+    ):
+        check_needs_config({"save_ddf": False, "num_samples": 2}, layered)

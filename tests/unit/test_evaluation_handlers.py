@@ -122,3 +122,50 @@ def test_output_transform_with_batched_one_hot(tmp_path):
     assert engine.state.metrics["mean_dice"] == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="summary_of"):
         SegmentationReportHandler([1], tmp_path, summary_of="regions")
+
+
+def test_overlay_previews_first_cases_of_each_run(tmp_path):
+    """Validation previews: only the first ``num_previews`` cases, overwritten at each run, one-hot items accepted."""
+    from common.evaluation.handlers import OverlayPreviewHandler
+
+    _, _, cases = make_cases((1.0, 1.0, 1.0))
+
+    def one_hot_label(item):  # as the bundles' AsDiscreted leaves the ground truth
+        return {**item, "label": torch.nn.functional.one_hot(item["label"][0].long(), 3).permute(3, 0, 1, 2).float()}
+
+    handler = OverlayPreviewHandler(tmp_path, num_previews=2, name="validation")
+    evaluator = run_evaluator(handler, cases, postprocessing=one_hot_label)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["validation_sub000.png", "validation_sub001.png"]
+    evaluator.run()  # a second validation rewrites the same files
+    assert len(list(tmp_path.iterdir())) == 2 and len(handler.written) == 2
+    off = tmp_path / "off"
+    run_evaluator(OverlayPreviewHandler(off, num_previews=0), cases, postprocessing=one_hot_label)
+    assert not off.exists()  # --val_previews 0: no preview
+    with pytest.raises(ValueError, match="num_previews"):
+        OverlayPreviewHandler(tmp_path, num_previews=-1)
+
+
+def test_overlay_preview_skips_image_on_another_grid(tmp_path, caplog):
+    from common.evaluation.handlers import OverlayPreviewHandler
+
+    _, _, cases = make_cases((1.0, 1.0, 1.0))
+
+    def shrink_image(item):  # the image's preprocessing was not inverted
+        return {**item, "image": item["image"][:, ::2]}
+
+    handler = OverlayPreviewHandler(tmp_path, num_previews=1)
+    run_evaluator(handler, cases, postprocessing=shrink_image)
+    assert not list(tmp_path.glob("*.png")) and "differ in shape" in caplog.text
+
+
+def test_overlay_previews_only_on_rank0(tmp_path, monkeypatch):
+    import common.distributed
+    import common.evaluation.handlers as handlers
+
+    _, _, cases = make_cases((1.0, 1.0, 1.0))
+    handler = handlers.OverlayPreviewHandler(tmp_path, num_previews=2)
+    monkeypatch.setattr(common.distributed, "get_rank", lambda: 1)
+    assert common.distributed.rank0_handlers([handler]) == []  # dropped from multi-GPU handler lists
+    monkeypatch.setattr(handlers, "get_rank", lambda: 1)
+    run_evaluator(handler, cases)  # and silent if attached anyway
+    assert not list(tmp_path.glob("*.png"))

@@ -126,6 +126,28 @@ def test_extracted_flows_map_the_atlas_onto_the_native_images(tmp_path):
         assert float(overlap) > 0.95
 
 
+def test_atlas_space_flows_stay_residual_and_the_unet_sees_aligned_images(tmp_path):
+    """``unet_space="atlas"``: S3 keeps only the flow to the aligned image (zero here), and a segmenter that knows only
+    the atlas pose labels the rotated subject on its own grid through AtlasSpaceInferer."""
+    from common.engines.sst_inference import AtlasSpaceInferer
+
+    matrix = _known_matrix()
+    subject, truth = _subject(matrix)
+    aligned = warp(subject[None], affine_ddf(matrix, SIZE))[0]
+    data = _data([aligned], OPTIONS, matrix[None])
+    extract_flows(data, nn.Identity(), None, _ZeroFlow(), tmp_path, native_pose=False)
+    assert torch.count_nonzero(load_flows(tmp_path / "index.json")[0]) == 0
+
+    def atlas_pose_unet(image: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(data.base_label[0], 3).permute(3, 0, 1, 2)[None].float()
+
+    scores = AtlasSpaceInferer(data.base_image, data.base_label, OPTIONS)(subject[None], atlas_pose_unet)
+    found = scores.argmax(1)[0]
+    for value in (1, 2):
+        overlap = 2 * ((found == value) & (truth[0] == value)).sum() / ((found == value).sum() + (truth == value).sum())
+        assert float(overlap) > 0.9, (value, float(overlap))
+
+
 def _write_dataset(root, count: int = 3):
     images = root / "imagesTr"
     images.mkdir(parents=True)
