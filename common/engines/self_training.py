@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 from common.distributed import gather_rows, is_rank0, shard
 from common.engines.pair_augment import affine_pair_augment
+from common.engines.progress import progress
 from common.engines.pseudo_labels import PrealignmentStore, PseudoLabelBank, endpoint_error, pair_difficulty
 from common.engines.registration_eval import pair_metrics
 from common.io import atomic_json_dump, atomic_torch_save
@@ -95,7 +96,8 @@ class ImagePairDataset(Dataset):
         if self.prealignment is None:
             raise ValueError("compute_prealignment needs a PrealignmentStore (ImagePairDataset(prealignment=...))")
         computed = []
-        for k in shard(range(len(self.pairs))):  # distributed: each rank fits its share, then all see every matrix
+        # distributed: each rank fits its share, then all see every matrix
+        for k in progress(shard(range(len(self.pairs))), "affine pre-alignment"):
             pair = self.pairs[k]
             if self.prealignment.get(k, pair) is not None:
                 continue
@@ -303,7 +305,7 @@ class CyclicalSelfTrainer(SupervisedTrainer):
         start = time.perf_counter()
         num_pairs = len(self.pair_dataset)
         computed, magnitudes, dices = [], [], []
-        for k in shard(range(num_pairs)):
+        for k in progress(shard(range(num_pairs)), f"pseudo labels, stage {stage}"):
             if self.bank.stage_of(k) == stage:
                 continue
             item = self.pair_dataset[k]

@@ -70,6 +70,19 @@ class TestClmorphBundle(make_bundle_tests(CASE)):
         found = find_error(info.value, ConfigOverrideError)
         assert found is not None and "inference_atlas_outputs.json" in str(found), describe(info.value)
 
+    def test_evaluate_previews_off_grid(self, trained: dict[str, Path]) -> None:
+        """With ``image_size`` unlike the data grid, evaluation still writes its PNG previews: the image is mapped
+        back to the data grid with the labels (a preview on mismatched grids would be skipped with a warning)."""
+        extra = {**CASE.evaluate_overrides, "image_size": [16, 16, 16]}
+        overrides = self._overrides(trained, "evaluate_off_grid", extra)
+        self._run_checked(CASE.evaluate_files(), "train", overrides)
+        previews = [
+            p
+            for p in Path(overrides["output_dir"]).glob("segmentation_*.png")
+            if not p.name.endswith("_dice_boxplot.png") and p.stat().st_size > 0
+        ]
+        assert len(previews) == extra["save_overlays"], previews
+
     def test_registration_mode(self, trained: dict[str, Path]) -> None:
         images = sorted((trained["data_dir"] / "imagesTr").glob("*.nii.gz"))
         extra = {"moving_image": str(images[0]), "fixed_image": str(images[1]), **CASE.infer_overrides}
