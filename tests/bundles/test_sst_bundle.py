@@ -84,6 +84,21 @@ class TestSSTBundle(make_bundle_tests(CASE)):
         assert 0 < (generated / "generation_grid.png").stat().st_size < 150_000
         assert (trained["tmp"] / "work" / "flows" / "index.json").is_file()
 
+    def test_flow_model_is_trained_apart_from_the_frozen_registration_network(self, trained):
+        """S2 trains F from scratch while T (S0) stays frozen: two modules, so F's weights are neither T's nor left
+        untouched (a shared instance once made F a frozen copy of T)."""
+        import torch
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config([str(CASE.bundle_root / "configs" / f) for f in ("train.json", "stage2_joint.json")])
+        parser.update({**TINY, "dataset_dir": str(trained["tmp"]), "device": "cpu"})
+        assert parser.get_parsed_content("flow_net") is not parser.get_parsed_content("registration_net")
+        joint = torch.load(trained["ckpt_dir"] / "sst_joint.pt", map_location="cpu", weights_only=True)["flow_net"]
+        t = torch.load(trained["ckpt_dir"] / "sst_registration.pt", map_location="cpu", weights_only=True)
+        differs = [k for k, v in joint.items() if not torch.equal(v, t["registration_net"][k])]
+        assert len(differs) == len(joint), f"F equals T in {len(joint) - len(differs)} tensors"
+
     def test_unet_reads_generated_pairs_unchanged(self, trained):
         """Generated pairs are already on the preprocessed grid: the U-Net must not crop/rescale them again."""
         import numpy as np
