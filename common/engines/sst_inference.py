@@ -22,7 +22,7 @@ from common.engines.sst_data import align_to_atlas
 from common.registration import fields
 from common.registration.affine import affine_ddf, invert_affine
 
-__all__ = ["AtlasSpaceInferer", "UNET_SPACES", "segmentation_inferer"]
+__all__ = ["AtlasSpaceInferer", "UNET_SPACES", "check_unet_space", "segmentation_inferer"]
 
 
 class AtlasSpaceInferer(Inferer):
@@ -81,11 +81,22 @@ class AtlasSpaceInferer(Inferer):
 UNET_SPACES = ("native", "atlas")
 
 
+def check_unet_space(unet_space: str, affine_prealign: bool) -> bool:
+    """Fail before any stage runs on an unknown ``unet_space`` or on "atlas" without pre-alignment."""
+    if unet_space not in UNET_SPACES:
+        raise ValueError(f"unet_space must be one of {UNET_SPACES}, got {unet_space!r}")
+    if unet_space == "atlas" and not affine_prealign:
+        raise ValueError(
+            "unet_space 'atlas' needs affine pre-alignment (there is no atlas space without it). Fix: add "
+            "--affine_prealign True, or use --unet_space native"
+        )
+    return True
+
+
 def segmentation_inferer(atlas_space_file: str | Path, affine_prealign: bool, unet_space: str = "native") -> Inferer:
     """The U-Net's inferer: in the atlas's space when the pool was pre-aligned (``affine_prealign``) and the generated
     pairs kept the atlas's pose (``unet_space="atlas"``), else plain (images segmented in their own pose)."""
-    if unet_space not in UNET_SPACES:
-        raise ValueError(f"unet_space must be one of {UNET_SPACES}, got {unet_space!r}")
-    if affine_prealign and unet_space == "atlas":
+    check_unet_space(unet_space, affine_prealign)
+    if unet_space == "atlas":
         return AtlasSpaceInferer.load(atlas_space_file)
     return SimpleInferer()

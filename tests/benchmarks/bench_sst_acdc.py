@@ -5,12 +5,13 @@ structure (RV, MYO, LV) on held-out patients, in the preprocessed grid (voxel un
 Runs the bundle's stage configs in-process (``common.engines.sst.run_stages``) at a reduced CPU budget.
 
     nice -n 10 env OMP_NUM_THREADS=1 python -m tests.benchmarks.bench_sst_acdc [--out bench_output/sst_acdc]
-        [--prealign [--unet-space atlas]] [--skip-ablation]
+        [--prealign [--unet-space native]] [--skip-ablation]
 
 ``--prealign`` layers ``configs/dataset_acdc.json`` (affine pre-alignment of the pool and of the "Reg." test images
-to the atlas) and trains S2 for ``PREALIGN_JOINT_ITERATIONS``; ``--unet-space atlas`` keeps the generated pairs in
-the atlas's pose and aligns the U-Net's test images too. ``--skip-ablation`` runs the full SST variant only (else also
-"w/o appearance model" and "w/o joint optimisation", sharing S0/S1).
+to the atlas) and trains S2 for ``PREALIGN_JOINT_ITERATIONS``; its ``unet_space`` "atlas" keeps the generated pairs
+in the atlas's pose and aligns the U-Net's test images too (``--unet-space native`` overrides it).
+``--skip-ablation`` runs the full SST variant only (else also "w/o appearance model" and "w/o joint optimisation",
+sharing S0/S1).
 
 Split of the 80 shared patients (the 20 hidden holdout patients are not available here): test = patient number
 % 5 == 1 (20 patients of the copy here), validation (U-Net model selection, as in the paper) = the first 4 with
@@ -177,14 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--unet-space",
         choices=("native", "atlas"),
-        default="native",
-        help="with --prealign: U-Net on pairs in each image's own pose (native) or in the atlas's pose (atlas)",
+        default=None,
+        help="U-Net on pairs in each image's own pose (native) or in the atlas's pose (atlas, needs --prealign); "
+        "default: the configs' value (atlas with --prealign, from configs/dataset_acdc.json)",
     )
     args = parser.parse_args(argv)
     budget = dict(COMMON)
-    budget["unet_space"] = args.unet_space
     if args.prealign:
         budget.update(json.loads((BUNDLE / "configs" / "dataset_acdc.json").read_text()))
+    if args.unet_space is not None:
+        budget["unet_space"] = args.unet_space
         budget["joint_pairs_per_epoch"] = PREALIGN_JOINT_ITERATIONS * budget["joint_batch_size"]
     if args.smoke:
         budget.update(SMOKE)

@@ -63,7 +63,9 @@ def test_grid_mismatch_is_an_error(inferer: AtlasSpaceInferer) -> None:
 
 
 def test_segmentation_inferer_loads_the_atlas_file_or_stays_plain(tmp_path, inferer: AtlasSpaceInferer) -> None:
-    assert isinstance(segmentation_inferer(tmp_path / "missing.pt", False, "atlas"), SimpleInferer)
+    with pytest.raises(ValueError, match="needs affine pre-alignment"):
+        segmentation_inferer(tmp_path / "missing.pt", False, "atlas")
+    assert isinstance(segmentation_inferer(tmp_path / "missing.pt", False, "native"), SimpleInferer)
     assert isinstance(segmentation_inferer(tmp_path / "missing.pt", True, "native"), SimpleInferer)
     with pytest.raises(FileNotFoundError, match="affine_prealign"):
         segmentation_inferer(tmp_path / "missing.pt", True, "atlas")
