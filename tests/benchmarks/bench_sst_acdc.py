@@ -11,7 +11,9 @@ Runs the bundle's stage configs in-process (``common.engines.sst.run_stages``) a
 to the atlas) and trains S2 for ``PREALIGN_JOINT_ITERATIONS``; its ``unet_space`` "atlas" keeps the generated pairs
 in the atlas's pose and aligns the U-Net's test images too (``--unet-space native`` overrides it).
 ``--skip-ablation`` runs the full SST variant only (else also "w/o appearance model" and "w/o joint optimisation",
-sharing S0/S1).
+sharing S0/S1). ``--more-pairs N`` adds "full_more": the full variant's models and flows, N generated pairs and
+``--more-unet-epochs`` U-Net epochs. Stages whose output exists in ``--out`` are skipped, so a rerun with a new
+option only runs what is new.
 
 Split of the 80 shared patients (the 20 hidden holdout patients are not available here): test = patient number
 % 5 == 1 (20 patients of the copy here), validation (U-Net model selection, as in the paper) = the first 4 with
@@ -176,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prealign", action="store_true", help="affine pre-alignment (configs/dataset_acdc.json)")
     parser.add_argument("--skip-ablation", action="store_true", help="only the full SST variant")
     parser.add_argument(
+        "--more-pairs",
+        type=int,
+        default=0,
+        help="also generate this many pairs from the full variant's models and train the U-Net on them (full_more)",
+    )
+    parser.add_argument("--more-unet-epochs", type=int, default=10, help="U-Net epochs of the full_more variant")
+    parser.add_argument(
         "--unet-space",
         choices=("native", "atlas"),
         default=None,
@@ -237,6 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         for root, extra in ablations.items():
             run_variant(root, everything[2:], overrides(root, **shared, **extra), timings, memory)
             variants.append(root)
+    more = out / "full_more"
+    if args.more_pairs > 0:  # the same S0-S4 models and flows, more generated pairs and a longer U-Net training
+        reuse = {
+            **shared,
+            "joint_weights": str(full / "models" / "sst_joint.pt"),
+            "flow_aae_weights": str(full / "models" / "sst_flow_aae.pt"),
+            "flows_dir": str(full / "work" / "flows"),
+            "affine_cache": str(full / "work" / "affine_prealign.pt"),
+            "num_generated_pairs": args.more_pairs,
+            "unet_epochs": args.more_unet_epochs,
+        }
+        run_variant(more, ["S5_generate", "S6_unet", "evaluate"], overrides(more, **reuse), timings, memory)
+        variants.append(more)
     wall = time.perf_counter() - start
 
     def load(path: Path) -> dict:
@@ -249,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     if no_joint in variants:
         rows["U-Net on pairs w/o joint optimisation"] = load(no_joint / "eval" / "segmentation.json")
     rows["Full SST (U-Net on generated pairs)"] = load(full / "eval" / "segmentation.json")
+    if more in variants:
+        rows[f"Full SST, {args.more_pairs} pairs, {args.more_unet_epochs} U-Net epochs"] = load(
+            more / "eval" / "segmentation.json"
+        )
     num_pairs = {
         v.name: len(json.loads((v / "work" / "generated" / "datalist.json").read_text())["training"]) for v in variants
     }
