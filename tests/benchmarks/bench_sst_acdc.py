@@ -8,7 +8,7 @@ Runs the bundle's stage configs in-process (``common.engines.sst.run_stages``) a
         [--prealign [--unet-space native]] [--skip-ablation]
 
 ``--prealign`` layers ``configs/dataset_acdc.json`` (affine pre-alignment of the pool and of the "Reg." test images
-to the atlas) and trains S2 for ``PREALIGN_JOINT_ITERATIONS``; its ``unet_space`` "atlas" keeps the generated pairs
+to the atlas) and trains S2 for ``--joint-iterations`` (200); its ``unet_space`` "atlas" keeps the generated pairs
 in the atlas's pose and aligns the U-Net's test images too (``--unet-space native`` overrides it).
 ``--skip-ablation`` runs the full SST variant only (else also "w/o appearance model" and "w/o joint optimisation",
 sharing S0/S1). ``--more-pairs N`` adds "full_more": the full variant's models and flows, N generated pairs and
@@ -80,7 +80,6 @@ COMMON = {
     "learning_rate": 1e-3,
     "val_interval": 1,
 }
-PREALIGN_JOINT_ITERATIONS = 200
 SMOKE = {
     "registration_pairs_per_epoch": 8,
     "style_pairs_per_epoch": 16,
@@ -177,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few iterations per stage (pipeline check only)")
     parser.add_argument("--prealign", action="store_true", help="affine pre-alignment (configs/dataset_acdc.json)")
     parser.add_argument("--skip-ablation", action="store_true", help="only the full SST variant")
+    parser.add_argument("--joint-iterations", type=int, default=200, help="S2 iterations with --prealign")
     parser.add_argument(
         "--more-pairs",
         type=int,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         budget.update(json.loads((BUNDLE / "configs" / "dataset_acdc.json").read_text()))
     if args.unet_space is not None:
         budget["unet_space"] = args.unet_space
-        budget["joint_pairs_per_epoch"] = PREALIGN_JOINT_ITERATIONS * budget["joint_batch_size"]
+        budget["joint_pairs_per_epoch"] = args.joint_iterations * budget["joint_batch_size"]
     if args.smoke:
         budget.update(SMOKE)
     if not DATA.is_dir():
