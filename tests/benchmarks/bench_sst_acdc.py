@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = dict(COMMON)
     if args.prealign:
         budget.update(json.loads((BUNDLE / "configs" / "dataset_acdc.json").read_text()))
+        budget["joint_pairs_per_epoch"] = args.joint_iterations * budget["joint_batch_size"]
     if args.unet_space is not None:
         budget["unet_space"] = args.unet_space
-        budget["joint_pairs_per_epoch"] = args.joint_iterations * budget["joint_batch_size"]
     if args.smoke:
         budget.update(SMOKE)
     if not DATA.is_dir():
