@@ -8,7 +8,7 @@ Runs the bundle's stage configs in-process (``common.engines.sst.run_stages``) a
         [--prealign [--unet-space native]] [--skip-ablation]
 
 ``--prealign`` layers ``configs/dataset_acdc.json`` (affine pre-alignment of the pool and of the "Reg." test images
-to the atlas) and trains S2 for ``--joint-iterations`` (200); its ``unet_space`` "atlas" keeps the generated pairs
+to the atlas) and trains S2 for ``--joint-iterations`` (600); its ``unet_space`` "atlas" keeps the generated pairs
 in the atlas's pose and aligns the U-Net's test images too (``--unet-space native`` overrides it).
 ``--skip-ablation`` runs the full SST variant only (else also "w/o appearance model" and "w/o joint optimisation",
 sharing S0/S1). ``--more-pairs N`` adds "full_more": the full variant's models and flows, N generated pairs and
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few iterations per stage (pipeline check only)")
     parser.add_argument("--prealign", action="store_true", help="affine pre-alignment (configs/dataset_acdc.json)")
     parser.add_argument("--skip-ablation", action="store_true", help="only the full SST variant")
-    parser.add_argument("--joint-iterations", type=int, default=200, help="S2 iterations with --prealign")
+    parser.add_argument("--joint-iterations", type=int, default=600, help="S2 iterations with --prealign")
     parser.add_argument(
         "--more-pairs",
         type=int,
