@@ -154,22 +154,36 @@ def substitute(value: Any, paths: dict[str, str]) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def initialized_workflow(
+    bundle_root: Path,
+    config_files: Sequence[str],
+    workflow_type: str,
+    overrides: dict[str, Any],
+    **workflow_kwargs: Any,
+) -> Iterator[Any]:
+    """A ConfigWorkflow of the bundle built as ``python -m monai.bundle run`` builds it, initialised, inside
+    `bundle_context` (``workflow_kwargs``: e.g. ``tracking``)."""
+    from monai.bundle import ConfigWorkflow
+
+    with bundle_context(bundle_root):
+        workflow = ConfigWorkflow(
+            config_file=[str(bundle_root / f) for f in config_files],
+            meta_file=str(bundle_root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=workflow_type,
+            **workflow_kwargs,
+            **overrides,
+        )
+        workflow.initialize()
+        yield workflow
+
+
 def run_workflow(
     bundle_root: Path, config_files: Sequence[str], workflow_type: str, overrides: dict[str, Any]
 ) -> list[str]:
     """initialize / check_properties / run / finalize one ConfigWorkflow; return the failing properties (none = ok)."""
-    from monai.bundle import ConfigWorkflow
-
-    files = [str(bundle_root / f) for f in config_files]
-    with bundle_context(bundle_root):
-        workflow = ConfigWorkflow(
-            config_file=files,
-            meta_file=str(bundle_root / "configs" / "metadata.json"),
-            logging_file=False,
-            workflow_type=workflow_type,
-            **overrides,
-        )
-        workflow.initialize()
+    with initialized_workflow(bundle_root, config_files, workflow_type, overrides) as workflow:
         failing = workflow.check_properties() or []
         if failing:
             return list(failing)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.bundles.harness import BundleCase, bundle_context, make_bundle_tests
+from tests.bundles.harness import BundleCase, initialized_workflow, make_bundle_tests
 
 STAGES = [
     "stage0_registration.json",
@@ -119,19 +119,10 @@ class TestSSTBundle(make_bundle_tests(CASE)):
 
     def test_registration_report_and_run_all(self, trained):
         """The "Reg." row runs as a workflow; run_all then skips every finished stage except the missing ones."""
-        from monai.bundle import ConfigWorkflow
-
-        root = CASE.bundle_root
         base = self._overrides(trained, "run_all", SHORT)
         out = Path(base["output_dir"])
-        with bundle_context(root):
-            workflow = ConfigWorkflow(
-                config_file=[str(root / "configs/train.json"), str(root / "configs/run_all.json")],
-                workflow_type="train",
-                logging_file=False,
-                **base,
-            )
-            workflow.initialize()
+        configs = ["configs/train.json", "configs/run_all.json"]
+        with initialized_workflow(CASE.bundle_root, configs, "train", base) as workflow:
             report = workflow.run()[0]
         finished = ["S0_registration", "S1_style", "S2_joint", "S3_flows", "S4_flow_aae", "S5_generate", "S6_unet"]
         assert all(report[name]["status"] == "skipped" for name in finished), report

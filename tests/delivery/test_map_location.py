@@ -17,7 +17,7 @@ import torch
 import torch.serialization
 from ignite.engine import Engine
 
-from tests.bundles.harness import bundle_context
+from tests.bundles.harness import initialized_workflow
 from tests.delivery.bundles import (
     TINY,
     Workspace,
@@ -79,18 +79,8 @@ def _gpu_checkpoint(ws: Workspace, seed: int) -> dict[str, torch.Tensor]:
 
 def _run_and_get_network(ws: Workspace, files: list[str], workflow_type: str, kind: str) -> dict[str, torch.Tensor]:
     """Run the workflow as the CLI does (initialize, run, finalize); return its ``network`` weights afterwards."""
-    from monai.bundle import ConfigWorkflow
-
-    root = ws.bundle_root
-    with bundle_context(root):
-        workflow = ConfigWorkflow(
-            config_file=[str(root / f) for f in files],
-            meta_file=str(root / "configs" / "metadata.json"),
-            logging_file=False,
-            workflow_type=workflow_type,
-            **ws.overrides(kind, ws.tmp / f"out_{kind}"),
-        )
-        workflow.initialize()
+    overrides = ws.overrides(kind, ws.tmp / f"out_{kind}")
+    with initialized_workflow(ws.bundle_root, files, workflow_type, overrides) as workflow:
         workflow.run()
         workflow.finalize()
         state = workflow.parser.get_parsed_content("network").state_dict()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.bundles.harness import bundle_context
+from tests.bundles.harness import initialized_workflow
 from tests.delivery.bundles import TINY, all_bundle_names, harness_case, make_workspace, tiny_case, write_fresh_weights
 from tests.delivery.tiny_bundle import write_tiny_bundle
 
@@ -31,18 +31,7 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _run_tracked(
     root: Path, files: list[str], workflow_type: str, overrides: dict[str, Any], tracking: str | dict = "mlflow"
 ) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    with bundle_context(root):
-        workflow = ConfigWorkflow(
-            config_file=[str(root / f) for f in files],
-            meta_file=str(root / "configs" / "metadata.json"),
-            logging_file=False,
-            workflow_type=workflow_type,
-            tracking=tracking,
-            **overrides,
-        )
-        workflow.initialize()
+    with initialized_workflow(root, files, workflow_type, overrides, tracking=tracking) as workflow:
         workflow.run()
         workflow.finalize()
 

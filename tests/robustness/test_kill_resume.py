@@ -168,6 +168,22 @@ def _assert_resumed_at(log: str, checkpoint: Path, stored: dict) -> None:
     assert (int(match.group(1)), int(match.group(2))) == (completed, stored["iteration"])
 
 
+def _assert_exact_resume(
+    tmp: Path, runs: tuple, checkpoint_rel: str, iterations: int, weights_rel: str, epochs: int | None = None
+) -> None:
+    """The kill interrupted training, the resumed run logged its resume from the stored point, and it ended where the
+    reference did: same final iteration (and epoch), same checkpoint objects, same saved weights ``weights_rel``."""
+    ref, resumed, stored, log, _ = runs
+    assert 0 < stored["iteration"] < iterations, f"the kill did not interrupt training: {stored}"
+    _assert_resumed_at(log, tmp / "interrupted" / checkpoint_rel, stored)
+    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == iterations
+    if epochs is not None:
+        assert ref["engine"]["epoch"] == resumed["engine"]["epoch"] == epochs
+    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
+    weights = (_load(tmp / run / weights_rel) for run in ("reference", "interrupted"))
+    _assert_states_equal(*weights, Path(weights_rel).name)
+
+
 @pytest.fixture(scope="module")
 def brain_data(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("brain") / "data"
@@ -185,19 +201,9 @@ def test_clmorph_kill_mid_epoch_resumes_exactly(brain_data, tmp_path):
     if case is None:
         pytest.skip("clmorph bundle not present")
     extra = {"epochs": 2, "batch_size": 1, "pairs_per_epoch": 4, "checkpoint_interval": 1, "val_interval": 100}
-    ref, resumed, stored, log, _ = _kill_and_resume(
-        case, case.train_stages[0], brain_data, tmp_path, extra, "models/checkpoint.pt", kill_after=2
-    )
-    assert 0 < stored["iteration"] < 8, f"the kill did not interrupt training: {stored}"
-    _assert_resumed_at(log, tmp_path / "interrupted" / "models" / "checkpoint.pt", stored)
-    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 8
-    assert ref["engine"]["epoch"] == resumed["engine"]["epoch"] == 2
-    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
-    _assert_states_equal(
-        _load(tmp_path / "reference" / "models" / "model.pt"),
-        _load(tmp_path / "interrupted" / "models" / "model.pt"),
-        "model.pt",
-    )
+    rel = "models/checkpoint.pt"
+    runs = _kill_and_resume(case, case.train_stages[0], brain_data, tmp_path, extra, rel, kill_after=2)
+    _assert_exact_resume(tmp_path, runs, rel, 8, "models/model.pt", epochs=2)
 
 
 def test_sst_registration_stage_kill_mid_epoch_resumes_exactly(brain_data, tmp_path):
@@ -218,20 +224,9 @@ def test_sst_registration_stage_kill_mid_epoch_resumes_exactly(brain_data, tmp_p
         "checkpoint_interval": 1,
     }
     rel = "work/checkpoints/stage0_registration.pt"
-    ref, resumed, stored, log, _ = _kill_and_resume(
-        case, case.train_stages[0], brain_data, tmp_path, extra, rel, kill_after=3
-    )
-    assert 0 < stored["iteration"] < 4, f"the kill did not interrupt training: {stored}"
-    _assert_resumed_at(log, tmp_path / "interrupted" / rel, stored)
-    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 4
-    assert ref["engine"]["epoch"] == resumed["engine"]["epoch"] == 2
-    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
-    _assert_states_equal(ref["transform_rng"], resumed["transform_rng"], "pair sampler random state")
-    _assert_states_equal(
-        _load(tmp_path / "reference" / "models" / "sst_registration.pt"),
-        _load(tmp_path / "interrupted" / "models" / "sst_registration.pt"),
-        "sst_registration.pt",
-    )
+    runs = _kill_and_resume(case, case.train_stages[0], brain_data, tmp_path, extra, rel, kill_after=3)
+    _assert_exact_resume(tmp_path, runs, rel, 4, "models/sst_registration.pt", epochs=2)
+    _assert_states_equal(runs[0]["transform_rng"], runs[1]["transform_rng"], "pair sampler random state")
 
 
 @pytest.mark.slow
@@ -247,18 +242,9 @@ def test_cyclical_kill_mid_stage_resumes_exactly(tmp_path_factory, tmp_path):
     data = tmp_path_factory.mktemp("abdomen") / "data"
     generate_dataset(data, preset="abdomen", num_subjects=7, shape=(32, 32, 32), seed=0, **case.dataset_kwargs)
     extra = {"num_stages": 2, "iterations_per_stage": 3, "checkpoint_interval": 1, "val_interval": 100}
-    ref, resumed, stored, log, _ = _kill_and_resume(
-        case, case.train_stages[0], data, tmp_path, extra, "models/checkpoint.pt", kill_after=4
-    )
-    assert 0 < stored["iteration"] < 6, f"the kill did not interrupt training: {stored}"
-    _assert_resumed_at(log, tmp_path / "interrupted" / "models" / "checkpoint.pt", stored)
-    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 6
-    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
-    _assert_states_equal(
-        _load(tmp_path / "reference" / "models" / "model.pt"),
-        _load(tmp_path / "interrupted" / "models" / "model.pt"),
-        "model.pt",
-    )
+    rel = "models/checkpoint.pt"
+    runs = _kill_and_resume(case, case.train_stages[0], data, tmp_path, extra, rel, kill_after=4)
+    _assert_exact_resume(tmp_path, runs, rel, 6, "models/model.pt")
 
 
 def _global_local_case_and_data(tmp_path_factory):
@@ -288,20 +274,10 @@ def test_global_local_finetuning_kill_mid_epoch_resumes_exactly(tmp_path_factory
         "val_interval": 1,
         "load_pretrained": False,
     }
-    ref, resumed, stored, log, _ = _kill_and_resume(
-        case, ["configs/train.json"], data, tmp_path, extra, "models/checkpoint.pt", kill_after=3
-    )
-    assert 0 < stored["iteration"] < 6, f"the kill did not interrupt training: {stored}"
-    _assert_resumed_at(log, tmp_path / "interrupted" / "models" / "checkpoint.pt", stored)
-    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 6
-    assert ref["engine"]["epoch"] == resumed["engine"]["epoch"] == 3
-    assert ref["objects"]["best_model_record"]["_saved"], "no best model recorded"
-    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
-    _assert_states_equal(
-        _load(tmp_path / "reference" / "models" / "model.pt"),
-        _load(tmp_path / "interrupted" / "models" / "model.pt"),
-        "model.pt",
-    )
+    rel = "models/checkpoint.pt"
+    runs = _kill_and_resume(case, ["configs/train.json"], data, tmp_path, extra, rel, kill_after=3)
+    assert runs[0]["objects"]["best_model_record"]["_saved"], "no best model recorded"
+    _assert_exact_resume(tmp_path, runs, rel, 6, "models/model.pt", epochs=3)
 
 
 @pytest.mark.slow
@@ -315,13 +291,5 @@ def test_global_local_pretraining_kill_mid_epoch_resumes_exactly(tmp_path_factor
     case, data = _global_local_case_and_data(tmp_path_factory)
     extra = {"pretrain_epochs": 3, "pretrain_iterations_per_epoch": 2, "checkpoint_interval": 1}
     rel = "models/checkpoint_pretrain_global.pt"
-    ref, resumed, stored, log, _ = _kill_and_resume(case, case.train_stages[0], data, tmp_path, extra, rel, 3)
-    assert 0 < stored["iteration"] < 6, f"the kill did not interrupt training: {stored}"
-    _assert_resumed_at(log, tmp_path / "interrupted" / rel, stored)
-    assert ref["engine"]["iteration"] == resumed["engine"]["iteration"] == 6
-    _assert_states_equal(ref["objects"], resumed["objects"], "checkpoint objects")
-    _assert_states_equal(
-        _load(tmp_path / "reference" / "models" / "model_global.pt"),
-        _load(tmp_path / "interrupted" / "models" / "model_global.pt"),
-        "model_global.pt",
-    )
+    runs = _kill_and_resume(case, case.train_stages[0], data, tmp_path, extra, rel, 3)
+    _assert_exact_resume(tmp_path, runs, rel, 6, "models/model_global.pt")
