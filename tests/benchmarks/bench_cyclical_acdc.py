@@ -95,7 +95,28 @@ def evaluate(network, volumes, pairs, prealigned=None, affine_only=False, **kwar
     row["sdlogj"] = float(np.mean(sdlogj)) if sdlogj else float("nan")
     row["folding_%"] = float(np.mean(folding)) if folding else float("nan")
     row["s/pair"] = float(np.mean(seconds)) if seconds else 0.0
+    row["per_pair_dice"] = [float(v) for v in means]
     return row
+
+
+def stage_steps(rows: dict[str, dict], stages: int, prefix: str) -> list[str]:
+    """Markdown rows: mean Dice change from each stage to the next over the same test pairs, with its paired
+    standard error (std of the per-pair differences / sqrt(n)) so that a tie can be told from a real drop."""
+    lines = [
+        "| step | test pipeline | mean Dice change | paired s.e. | pairs better / worse |",
+        "|---|---|---|---|---|",
+    ]
+    for test_config in ("2 warps w/o Adam", "2 warps w/ Adam"):
+        names = [f"{prefix}stage 0 (random g), {test_config}"]
+        names += [f"{prefix}stage {s}, {test_config}" for s in range(1, stages + 1)]
+        for before, after in zip(names[:-1], names[1:], strict=True):
+            diff = np.asarray(rows[after]["per_pair_dice"]) - np.asarray(rows[before]["per_pair_dice"])
+            se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+            step = f"{before.split(',')[0]} -> {after.split(',')[0]}"
+            lines.append(
+                f"| {step} | {test_config} | {diff.mean():+.4f} | {se:.4f} | {(diff > 0).sum()} / {(diff < 0).sum()} |"
+            )
+    return lines
 
 
 def make_network(args) -> CSTRegistrationNet:
@@ -176,10 +197,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     patients = acdc_patients()
-    # spread over all pathology groups (patients are ordered by group), alternate test / train
+    # both splits spread over all pathology groups (patients are ordered by group): test = every (total/test)-th
     total = args.train_patients + args.test_patients
     chosen = [patients[i] for i in np.linspace(0, len(patients) - 1, total).round().astype(int)]
-    test_ids = chosen[1::2][: args.test_patients]
+    step = total / args.test_patients
+    test_ids = [chosen[int(step / 2 + step * k)] for k in range(args.test_patients)]
     train_ids = [p for p in chosen if p not in test_ids]
     train_vols = [load_acdc_volume(p, args.size) for p in train_ids]
     test_vols = [load_acdc_volume(p, args.size) for p in test_ids]
@@ -218,7 +240,7 @@ def main() -> None:
     lines = ["| setting | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + [""] + stage_steps(rows, args.stages, prefix))
     print(table)
     history = json.loads((out / "pseudo_label" / "stage_history.json").read_text())
     suffix = "_rescored" if args.evaluate_only else ""
