@@ -159,6 +159,8 @@ def train(args, volumes, pairs, supervision: str, out: Path) -> CyclicalSelfTrai
         aug_label_transform="exact",
         metric_reg_weight=args.metric_reg_weight,
         stage_dir=out / supervision,
+        stage0_seed=12345 + args.seed,
+        pl_seed=args.seed,
         labels=ACDC_LABELS,
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
@@ -184,7 +186,7 @@ def main() -> None:
     parser.add_argument("--adam-feature-scale", type=float, default=1.0)
     parser.add_argument("--reg-fac", type=float, default=25.0)
     parser.add_argument("--metric-reg-weight", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="init of g, of stage-0 g and Adam projections")
     parser.add_argument("--affine", action="store_true", help="affine pre-alignment (configs/mr.json setting)")
     parser.add_argument(
         "--evaluate-only", action="store_true", help="re-score the stage files of an earlier run in --out (no training)"
