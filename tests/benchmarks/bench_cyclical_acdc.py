@@ -226,7 +226,7 @@ def main() -> None:
             config = {**TEST_CONFIGS[test_config], **adam_settings(args)}
             key = f"{prefix}{name}, {test_config}"
             rows[key] = evaluate(network, test_vols, test_pairs, prealigned, **config)
-            print(key, rows[key], flush=True)
+            print(key, {k: v for k, v in rows[key].items() if k != "per_pair_dice"}, flush=True)
     # the network now holds the last stage's weights = the final model
     for name, config in TEST_CONFIGS.items():
         rows[f"{prefix}final, {name}"] = evaluate(
