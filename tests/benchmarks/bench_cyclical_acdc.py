@@ -12,6 +12,8 @@ training patients (fixed = lower index) for training, the same rule on the test 
     OMP_NUM_THREADS=1 nice -n 10 python tests/benchmarks/bench_cyclical_acdc.py --out bench_output/cyclical_acdc
 
 ``--evaluate-only`` re-scores the stage files of an earlier run with the same arguments (writes ``results_rescored.*``).
+``--seed N`` changes the initialisation of g, the stage-0 g and the Adam projections; ``--summarize DIR DIR ...``
+then tabulates the stages of several such runs (without ``--affine``, same split) and their paired mean (``seeds.md``).
 
 ``--affine``: affine pre-alignment as ``configs/mr.json`` sets it (in-plane affine, LNCC, 2 pyramid levels), at
 training (matrices once per pair) and at test (one composed field); adds the row "affine alone" and skips the
@@ -99,24 +101,58 @@ def evaluate(network, volumes, pairs, prealigned=None, affine_only=False, **kwar
     return row
 
 
-def stage_steps(rows: dict[str, dict], stages: int, prefix: str) -> list[str]:
+def stage_names(stages: int, prefix: str, test_config: str) -> list[str]:
+    """Row names of stage 0 (the random g) ... ``stages`` for one test pipeline."""
+    names = [f"{prefix}stage 0 (random g), {test_config}"]
+    return names + [f"{prefix}stage {s}, {test_config}" for s in range(1, stages + 1)]
+
+
+def stage_steps(runs: list[dict[str, dict]], stages: int, prefix: str) -> list[str]:
     """Markdown rows: mean Dice change from each stage to the next over the same test pairs, with its paired
-    standard error (std of the per-pair differences / sqrt(n)) so that a tie can be told from a real drop."""
+    standard error (std of the per-pair differences / sqrt(n)) so that a tie can be told from a real drop.
+
+    ``runs``: the rows of one or more runs on the same test pairs (e.g. seeds); per-pair Dice is averaged over them."""
     lines = [
         "| step | test pipeline | mean Dice change | paired s.e. | pairs better / worse |",
         "|---|---|---|---|---|",
     ]
     for test_config in ("2 warps w/o Adam", "2 warps w/ Adam"):
-        names = [f"{prefix}stage 0 (random g), {test_config}"]
-        names += [f"{prefix}stage {s}, {test_config}" for s in range(1, stages + 1)]
+        names = stage_names(stages, prefix, test_config)
         for before, after in zip(names[:-1], names[1:], strict=True):
-            diff = np.asarray(rows[after]["per_pair_dice"]) - np.asarray(rows[before]["per_pair_dice"])
+            diff = np.mean([np.subtract(r[after]["per_pair_dice"], r[before]["per_pair_dice"]) for r in runs], axis=0)
             se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
             step = f"{before.split(',')[0]} -> {after.split(',')[0]}"
             lines.append(
                 f"| {step} | {test_config} | {diff.mean():+.4f} | {se:.4f} | {(diff > 0).sum()} / {(diff < 0).sum()} |"
             )
     return lines
+
+
+def summarize_runs(run_dirs: list[Path], out: Path) -> None:
+    """Mean Dice per stage of each run (seeds), their mean, and the paired step table over the per-pair mean.
+
+    Reads ``results_rescored.json`` where present (runs older than the per-pair lists), else ``results.json``."""
+    runs, labels = [], []
+    for run_dir in run_dirs:
+        path = run_dir / "results_rescored.json"
+        path = path if path.is_file() else run_dir / "results.json"
+        result = json.loads(path.read_text())
+        runs.append(result["rows"])
+        labels.append(f"seed {result['args']['seed']}")
+    stages = max(int(k.split(",")[0].split()[1]) for k in runs[0] if k.startswith("stage ") and "(" not in k)
+    header = ["stage 0 (random g)", *[f"stage {s}" for s in range(1, stages + 1)]]
+    lines = ["| run | test pipeline | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
+    for test_config in ("2 warps w/o Adam", "2 warps w/ Adam"):
+        names = stage_names(stages, "", test_config)
+        for label, rows in [*zip(labels, runs, strict=True), ("mean", None)]:
+            values = [rows[n]["mean"] if rows else np.mean([r[n]["mean"] for r in runs]) for n in names]
+            lines.append(f"| {label} | {test_config} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    table = "\n".join(
+        lines + ["", f"per-pair Dice averaged over {len(runs)} runs:", ""] + stage_steps(runs, stages, "")
+    )
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.md").write_text(table + "\n")
 
 
 def make_network(args) -> CSTRegistrationNet:
@@ -188,10 +224,17 @@ def main() -> None:
     parser.add_argument("--metric-reg-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="init of g, of stage-0 g and Adam projections")
     parser.add_argument("--affine", action="store_true", help="affine pre-alignment (configs/mr.json setting)")
+    parser.add_argument("--skip-baselines", action="store_true", help="no NCC / MIND supervision runs")
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="RUN_DIR", help="only summarise earlier runs (seeds) on the same test pairs"
+    )
     parser.add_argument(
         "--evaluate-only", action="store_true", help="re-score the stage files of an earlier run in --out (no training)"
     )
     args = parser.parse_args()
+    if args.summarize:
+        summarize_runs([Path(d) for d in args.summarize], Path(args.out))
+        return
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(1)
     if not ACDC_DIR.is_dir():
@@ -232,7 +275,7 @@ def main() -> None:
         rows[f"{prefix}final, {name}"] = evaluate(
             network, test_vols, test_pairs, prealigned, **config, **adam_settings(args)
         )
-    for supervision in () if args.affine or args.evaluate_only else ("ncc", "mind"):
+    for supervision in () if args.affine or args.evaluate_only or args.skip_baselines else ("ncc", "mind"):
         baseline = train(args, train_vols, train_pairs, supervision, out).network
         for name in ("2 warps w/o Adam", "2 warps w/ Adam"):
             rows[f"{supervision.upper()} supervision, {name}"] = evaluate(
@@ -242,7 +285,7 @@ def main() -> None:
     lines = ["| setting | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
-    table = "\n".join(lines + [""] + stage_steps(rows, args.stages, prefix))
+    table = "\n".join(lines + [""] + stage_steps([rows], args.stages, prefix))
     print(table)
     history = json.loads((out / "pseudo_label" / "stage_history.json").read_text())
     suffix = "_rescored" if args.evaluate_only else ""
