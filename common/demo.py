@@ -1,4 +1,4 @@
-"""``make demo``: CLMorph end to end on synthetic brain phantoms in a few CPU minutes.
+"""``make demo``: CLMorph end to end on synthetic brain phantoms on the CPU (about 14 minutes).
 
 1. writes a small synthetic brain set (``common.data.synthetic``, labels 1..8) into ``demo_output/data``;
 2. trains CLMorph without labels through the bundle (``configs/train.json`` + ``configs/quick.json``, ConfigWorkflow);
@@ -7,7 +7,13 @@
 5. prints per-structure Dice of registration vs the unregistered atlas (identity baseline) and writes
    ``demo_output/overlay.png`` (test image with atlas labels, prediction, ground truth).
 
-Run: ``python -m common.demo [--output demo_output] [--subjects 16] [--size 32] [--epochs 8]``.
+Run: ``python -m common.demo [--output demo_output] [--subjects 16] [--size 32] [--epochs 100]``.
+
+Why 100 epochs (800 iterations, about 14 minutes on a shared 2-core CPU): trained for 8 to 60 epochs the network
+aligns the brain outline first and moves the small deep structures (ventricles, thalami, brainstem) the wrong way, so
+the atlas registered with it scores at or below the unregistered atlas (mean Dice 0.737 at 8 epochs, 0.773 at 60 with
+a tenfold learning-rate drop at 40, against 0.770); at 100 epochs it is above it on every structure (0.802). The validation Dice still swings by up to 0.15
+between checks, so shorter runs are a pipeline check, not a result.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--output", type=Path, default=REPO / "demo_output")
     parser.add_argument("--subjects", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--pairs-per-epoch", type=int, default=32)
     args = parser.parse_args(argv)
 
