@@ -11,7 +11,7 @@ Run: ``python -m common.demo [--output demo_output] [--subjects 16] [--size 32] 
 
 Why 100 epochs (800 iterations, about 14 minutes on a shared 2-core CPU): trained for 8 to 60 epochs the network
 aligns the brain outline first and moves the small deep structures (ventricles, thalami, brainstem) the wrong way, so
-the atlas registered with it scores at or below the unregistered atlas (mean Dice 0.737 at 8 epochs, 0.773 at 60
+the atlas registered with it is no better than the unregistered atlas (mean Dice 0.737 at 8 epochs, 0.773 at 60
 with a tenfold learning-rate drop at 40, against 0.770); at 100 epochs it is above it on every structure (0.802). The
 validation Dice still swings by up to 0.15 between checks, so shorter runs are a pipeline check, not a result.
 """
