@@ -1,4 +1,4 @@
-"""``make demo``: CLMorph end to end on synthetic brain phantoms on the CPU (about 14 minutes).
+"""``make demo``: CLMorph end to end on synthetic brain phantoms on the CPU (about 7 minutes on 2 idle cores).
 
 1. writes a small synthetic brain set (``common.data.synthetic``, labels 1..8) into ``demo_output/data``;
 2. trains CLMorph without labels through the bundle (``configs/train.json`` + ``configs/quick.json``, ConfigWorkflow);
@@ -9,7 +9,7 @@
 
 Run: ``python -m common.demo [--output demo_output] [--subjects 16] [--size 32] [--epochs 100]``.
 
-Why 100 epochs (800 iterations, about 14 minutes on a shared 2-core CPU): trained for 8 to 60 epochs the network
+Why 100 epochs (800 iterations, 439 s on an idle 2-core CPU): trained for 8 to 60 epochs the network
 aligns the brain outline first and moves the small deep structures (ventricles, thalami, brainstem) the wrong way, so
 the atlas registered with it is no better than the unregistered atlas (mean Dice 0.737 at 8 epochs, 0.773 at 60
 with a tenfold learning-rate drop at 40, against 0.770); at 100 epochs it is above it on every structure (0.802). The
