@@ -49,6 +49,8 @@ TEST_CONFIGS = {
     "2 warps w/ Adam": dict(num_warps=2, use_adam=True),
 }
 
+# the pipelines every stage and baseline is scored with (without Adam: the feature network alone)
+STAGE_PIPELINES = ("2 warps w/o Adam", "2 warps w/ Adam")
 
 AFFINE = {"mode": "affine", "similarity": "lncc", "frozen_axes": (2,), "levels": (4, 2), "iterations": (100, 50)}
 
@@ -116,7 +118,7 @@ def stage_steps(runs: list[dict[str, dict]], stages: int, prefix: str) -> list[s
         "| step | test pipeline | mean Dice change | paired s.e. | pairs better / worse |",
         "|---|---|---|---|---|",
     ]
-    for test_config in ("2 warps w/o Adam", "2 warps w/ Adam"):
+    for test_config in STAGE_PIPELINES:
         names = stage_names(stages, prefix, test_config)
         for before, after in zip(names[:-1], names[1:], strict=True):
             diff = np.mean([np.subtract(r[after]["per_pair_dice"], r[before]["per_pair_dice"]) for r in runs], axis=0)
@@ -139,10 +141,10 @@ def summarize_runs(run_dirs: list[Path], out: Path) -> None:
         result = json.loads(path.read_text())
         runs.append(result["rows"])
         labels.append(f"seed {result['args']['seed']}")
-    stages = max(int(k.split(",")[0].split()[1]) for k in runs[0] if k.startswith("stage ") and "(" not in k)
+        stages = result["args"]["stages"]
     header = ["stage 0 (random g)", *[f"stage {s}" for s in range(1, stages + 1)]]
     lines = ["| run | test pipeline | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
-    for test_config in ("2 warps w/o Adam", "2 warps w/ Adam"):
+    for test_config in STAGE_PIPELINES:
         names = stage_names(stages, "", test_config)
         for label, rows in [*zip(labels, runs, strict=True), ("mean", None)]:
             values = [rows[n]["mean"] if rows else np.mean([r[n]["mean"] for r in runs]) for n in names]
@@ -265,7 +267,7 @@ def main() -> None:
     for stage in range(args.stages + 1):
         network.feature_net.load_state_dict(torch.load(out / "pseudo_label" / f"stage_{stage:02d}.pt"))
         name = "stage 0 (random g)" if stage == 0 else f"stage {stage}"
-        for test_config in ("2 warps w/o Adam", "2 warps w/ Adam"):
+        for test_config in STAGE_PIPELINES:
             config = {**TEST_CONFIGS[test_config], **adam_settings(args)}
             key = f"{prefix}{name}, {test_config}"
             rows[key] = evaluate(network, test_vols, test_pairs, prealigned, **config)
@@ -277,7 +279,7 @@ def main() -> None:
         )
     for supervision in () if args.affine or args.evaluate_only or args.skip_baselines else ("ncc", "mind"):
         baseline = train(args, train_vols, train_pairs, supervision, out).network
-        for name in ("2 warps w/o Adam", "2 warps w/ Adam"):
+        for name in STAGE_PIPELINES:
             rows[f"{supervision.upper()} supervision, {name}"] = evaluate(
                 baseline, test_vols, test_pairs, **TEST_CONFIGS[name], **adam_settings(args)
             )
