@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 
 import nibabel as nib
+import pytest
 
+from common.cli_checks import ConfigOverrideError
 from tests.bundles.harness import BundleCase, make_bundle_tests, run_workflow
+from tests.robustness.support import describe, find_error
 
 TINY = {"image_size": [32, 32, 32], "feature_channels": [8, 8, 8, 8, 8], "adam_iterations": 2}
 
@@ -39,6 +42,17 @@ class TestCyclicalBundle(make_bundle_tests(CASE)):
         # stage_00 = the random network g_A, then one row per trained stage
         assert [r["checkpoint"] for r in rows] == ["stage_00", "stage_01", "stage_02"]
         assert all(0.0 <= r["mean_dice"] <= 1.0 for r in rows)
+
+    def test_evaluation_of_one_volume_fails_clearly(self, trained):
+        """Evaluation scores i<j pairs: a section with one volume has none, and must stop instead of writing nothing."""
+        one = {"val_datalist": "$common.data.datalist.load_datalist(@datalist, @eval_section)[:1]"}
+        overrides = self._overrides(trained, "one_volume", one)
+        with pytest.raises(Exception) as info:
+            run_workflow(CASE.bundle_root, ["configs/train.json", "configs/evaluate.json"], "train", overrides)
+        error = find_error(info.value, ConfigOverrideError)
+        assert error is not None, describe(info.value)
+        assert "section test has 1 item(s)" in str(error) and "evaluation pairs" in str(error), str(error)
+        assert not (Path(overrides["output_dir"]) / "registration.csv").exists()
 
     def test_registration_mode(self, trained):
         """``inference_registration.json``: every i<j test pair -> field, warped image and warped label (Adam on)."""
