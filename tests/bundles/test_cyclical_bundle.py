@@ -45,8 +45,11 @@ class TestCyclicalBundle(make_bundle_tests(CASE)):
 
     def test_evaluation_of_one_volume_fails_clearly(self, trained):
         """Evaluation scores i<j pairs: a section with one volume has none, and must stop instead of writing nothing."""
-        one = {"val_datalist": "$common.data.datalist.load_datalist(@datalist, @eval_section)[:1]"}
-        overrides = self._overrides(trained, "one_volume", one)
+        datalist = json.loads(trained["datalist"].read_text())
+        datalist["test"] = datalist["test"][:1]
+        one = trained["datalist"].with_name("one_test_volume.json")  # beside it: relative paths stay valid
+        one.write_text(json.dumps(datalist))
+        overrides = self._overrides(trained, "one_volume", {"datalist": str(one)})
         with pytest.raises(Exception) as info:
             run_workflow(CASE.bundle_root, ["configs/train.json", "configs/evaluate.json"], "train", overrides)
         error = find_error(info.value, ConfigOverrideError)
